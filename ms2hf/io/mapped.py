@@ -1,0 +1,96 @@
+"""Zero-copy, read-only numpy views onto files through a bounded pool of memory maps.
+
+A view costs no anonymous memory: its pages belong to the page cache, which the kernel can drop
+under pressure, so a low-memory host only pays for what is being copied right now. Bytes that are
+never viewed (optimizer states) are never read. The pool keeps a bounded number of maps open,
+since a large run has thousands of rank files and a process has a limited number of descriptors.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from ms2hf.errors import FormatError
+
+
+class MappedFiles:
+    def __init__(self, max_open: int = 128) -> None:
+        self._max_open = max_open
+        self._maps: OrderedDict[Path, mmap.mmap] = OrderedDict()
+        self._lock = threading.Lock()
+        self.bytes_viewed = 0
+        """Bytes of the distinct ranges handed out as views: what a run read."""
+        self._seen: set[tuple[Path, int]] = set()
+        self.ranges: list[tuple[Path, int, int]] = []
+        """Every (file, start, end) viewed, when ``record`` is on."""
+        self.record = False
+
+    def _map(self, path: Path) -> mmap.mmap:
+        m = self._maps.get(path)
+        if m is not None:
+            self._maps.move_to_end(path)
+            return m
+        try:
+            with open(path, "rb") as f:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
+            raise FormatError(f"{path}: cannot map for reading: {e}") from e
+        self._maps[path] = m
+        while len(self._maps) > self._max_open:
+            _, old = self._maps.popitem(last=False)
+            _close(old)
+        return m
+
+    def view(
+        self, path: Path, start: int, dtype: np.dtype, shape: tuple[int, ...]
+    ) -> np.ndarray:
+        count = 1
+        for d in shape:
+            count *= d
+        with self._lock:
+            m = self._map(path)
+            if (path, start) not in self._seen:
+                self._seen.add((path, start))
+                self.bytes_viewed += count * dtype.itemsize
+            if self.record:
+                self.ranges.append((path, start, start + count * dtype.itemsize))
+        if start + count * dtype.itemsize > len(m):
+            raise FormatError(
+                f"{path}: shrank while being read (needs {start + count * dtype.itemsize} bytes, "
+                f"has {len(m)})"
+            )
+        return np.frombuffer(m, dtype=dtype, count=count, offset=start).reshape(shape)
+
+    def advise_willneed(self, path: Path, start: int, length: int) -> None:
+        """Ask the kernel to start reading a range now, so copies do not wait on page faults."""
+        with self._lock:
+            m = self._map(path)
+        page = mmap.PAGESIZE
+        begin = start - start % page
+        length = min(length + (start - begin), len(m) - begin)
+        if length > 0 and hasattr(m, "madvise"):
+            m.madvise(mmap.MADV_WILLNEED, begin, length)
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._maps.values():
+                _close(m)
+            self._maps.clear()
+
+    def __enter__(self) -> MappedFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _close(m: mmap.mmap) -> None:
+    try:
+        m.close()
+    except BufferError:
+        pass  # a view is still alive; the map goes when the view is collected

@@ -1,0 +1,72 @@
+"""The memory budget: how much anonymous memory the assembly buffers may hold at once.
+
+Source bytes come through memory maps (page cache, reclaimable), so the only memory a run owns is
+its band buffers: one per worker, sized so that all of them together stay within the budget.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import psutil
+
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "K": 2**10,
+    "M": 2**20,
+    "G": 2**30,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+DEFAULT_FRACTION = 0.25
+"""Of the memory available at start: leaves room for the page cache that feeds the copies."""
+MAX_BAND_BYTES = 64 * 2**20
+"""Bands larger than this do not copy faster; they only hold memory longer."""
+MIN_BAND_BYTES = 1 * 2**20
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` is 5e9 bytes (decimal, as huggingface_hub counts); ``512MiB`` is 512 * 2**20."""
+    m = _SIZE.match(str(text))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(
+            f"{text!r} is not a size; use a number with an optional unit such as 5GB, 512MB, "
+            "256MiB or 2GiB"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    total: int
+    workers: int
+
+    @classmethod
+    def resolve(cls, total: int | None, workers: int) -> MemoryBudget:
+        if total is None:
+            total = int(psutil.virtual_memory().available * DEFAULT_FRACTION)
+        return cls(max(total, MIN_BAND_BYTES), max(1, workers))
+
+    @property
+    def band_bytes(self) -> int:
+        """The size of each worker's reused buffer."""
+        return max(MIN_BAND_BYTES, min(MAX_BAND_BYTES, self.total // self.workers))

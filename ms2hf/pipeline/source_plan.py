@@ -1,0 +1,256 @@
+"""The source side of a conversion, planned from headers and strategies before any tensor byte
+is read: for every model parameter its full shape, dtype and the blocks that tile it.
+
+One rule serves redundant and de-duplicated saves alike: every file that has a parameter places
+its block where its layout says; the lowest rank's copy of each block is the one read, the rest
+are replicas; then every block of the grid must be covered. Optimizer states and scalars are
+recorded for accounting but never scheduled for reading.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ms2hf.errors import CoverageError, FormatError, LayoutError
+from ms2hf.io.dtypes import itemsize
+from ms2hf.io.rank_files import find_rank_dirs, select_step
+from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
+from ms2hf.io.strategy import Strategy, load_strategy
+from ms2hf.io.training_keys import KeyKind, key_kind
+from ms2hf.pipeline.placement import Grid, block_coords, grid, holders
+
+
+@dataclass(frozen=True)
+class Block:
+    """One rank file's slice of a parameter, and where it goes in the full tensor."""
+
+    path: Path
+    rank: int
+    key: str
+    start: int
+    """Absolute byte offset of the slice in ``path``."""
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SourceParam:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    blocks: tuple[Block, ...]
+    """One block per grid cell (the lowest rank's copy), in grid order."""
+    replicas: tuple[Block, ...] = ()
+    """Further copies, present when redundancy was not removed; for ``--check-replicas``."""
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class RankFile:
+    rank: int
+    stage: int
+    path: Path
+    metadata: Mapping[str, str]
+
+
+@dataclass
+class SourcePlan:
+    step: str
+    files: tuple[RankFile, ...]
+    params: dict[str, SourceParam]
+    scalars: dict[str, Block]
+    """Training scalars (step counters, loss scale), from the lowest rank holding each."""
+    remove_redundancy: bool
+    num_stages: int
+    layouts: dict[str, str] = field(default_factory=dict)
+    """A short description of each parameter's layout, for inspect and error messages."""
+    optimizer_bytes: int = 0
+    scalar_bytes: int = 0
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(p.nbytes for p in self.params.values())
+
+
+@dataclass
+class _Collecting:
+    shape: tuple[int, ...]
+    dtype: str
+    grid: Grid | None
+    first: tuple[int, tuple[int, ...], str]  # rank, slice shape, dtype: for error messages
+    blocks: dict[tuple[int, ...], Block] = field(default_factory=dict)
+    replicas: list[Block] = field(default_factory=list)
+    stage: int = 0
+
+
+def _describe(g: Grid | None) -> str:
+    if g is None or g.num_blocks == 1:
+        return "whole"
+    dims = ", ".join(
+        f"dim{i}/{p}" + (f" (incl. {g.opt_chunks} optimizer chunks)" if i == 0 and g.opt_chunks > 1 else "")
+        for i, p in enumerate(g.parts)
+        if p > 1
+    )
+    return f"split {dims}"
+
+
+def _redundancy_removed(headers: list[SafetensorsHeader]) -> bool:
+    values = {h.metadata.get("remove_redundancy", "False").lower() for h in headers}
+    if len(values) > 1:
+        raise FormatError(
+            f"{headers[0].path.parent.parent}: rank files disagree on remove_redundancy "
+            f"({sorted(values)}); the checkpoint mixes files from different saves"
+        )
+    return values == {"true"}
+
+
+def plan_source(
+    checkpoint_dir: str | Path,
+    strategy_path: str | Path,
+    step: str | None = None,
+) -> SourcePlan:
+    rank_dirs = find_rank_dirs(checkpoint_dir)
+    step, paths = select_step(rank_dirs, step)
+    strategy = load_strategy(strategy_path)
+    headers = [SafetensorsHeader(paths[r]) for r in sorted(paths)]
+    return build_source_plan(step, headers, sorted(paths), strategy)
+
+
+def build_source_plan(
+    step: str, headers: list[SafetensorsHeader], ranks: list[int], strategy: Strategy
+) -> SourcePlan:
+    world = len(ranks)
+    stages = strategy.num_stages
+    if world % stages:
+        raise LayoutError(
+            f"{strategy.source}: {world} rank folders cannot form {stages} pipeline stages "
+            "of equal size"
+        )
+    per_stage = world // stages
+    extra = sorted(r for r in strategy.rank_stage if r >= world)
+    if extra:
+        raise LayoutError(
+            f"{strategy.source}: has strategy files for rank {extra[0]} and beyond, but the "
+            f"checkpoint has only {world} rank folders (strategy and checkpoint from different runs?)"
+        )
+
+    files: list[RankFile] = []
+    collecting: dict[str, _Collecting] = {}
+    scalars: dict[str, Block] = {}
+    optimizer_bytes = scalar_bytes = 0
+    for rank, header in zip(ranks, headers):
+        stage = strategy.stage_of_rank(rank, world)
+        if rank // per_stage != stage:
+            raise LayoutError(
+                f"{strategy.source}: rank {rank} is in stage {stage} by its strategy file, but "
+                f"with {per_stage} ranks per stage it should be in stage {rank // per_stage}"
+            )
+        local = rank - stage * per_stage
+        files.append(RankFile(rank, stage, header.path, header.metadata))
+        for key, info in header.tensors.items():
+            kind = key_kind(key)
+            if kind is KeyKind.OPTIMIZER:
+                optimizer_bytes += info.nbytes
+                continue
+            if kind is KeyKind.SCALAR:
+                scalar_bytes += info.nbytes
+                scalars.setdefault(
+                    key, Block(header.path, rank, key, info.start, (), info.shape)
+                )
+                continue
+            _place(collecting, strategy, header.path, rank, stage, local, per_stage, info)
+
+    params = {name: _finish(name, c, strategy, per_stage) for name, c in collecting.items()}
+    layouts = {name: _describe(c.grid) for name, c in collecting.items()}
+    return SourcePlan(
+        step=step,
+        files=tuple(files),
+        params=params,
+        scalars=scalars,
+        remove_redundancy=_redundancy_removed(headers),
+        num_stages=stages,
+        layouts=layouts,
+        optimizer_bytes=optimizer_bytes,
+        scalar_bytes=scalar_bytes,
+    )
+
+
+def _place(
+    collecting: dict[str, _Collecting],
+    strategy: Strategy,
+    path: Path,
+    rank: int,
+    stage: int,
+    local: int,
+    per_stage: int,
+    info: TensorInfo,
+) -> None:
+    key, ndim = info.name, len(info.shape)
+    layout = strategy.layout(stage, key)
+    g: Grid | None = None
+    coords: tuple[int, ...] = (0,) * ndim
+    if layout is not None:
+        if layout.devices != per_stage:
+            raise LayoutError(
+                f"{path}: parameter {key!r}: its device matrix {list(layout.dev_matrix)} has "
+                f"{layout.devices} devices, but each pipeline stage has {per_stage} ranks"
+            )
+        try:
+            g = grid(layout, ndim)
+            coords = block_coords(layout, ndim, local)
+        except LayoutError as e:
+            raise LayoutError(f"{path}: parameter {key!r} of shape {list(info.shape)}: {e}") from e
+    if ndim > 2 and g is not None and any(p > 1 for p in g.parts[2:]):
+        raise LayoutError(f"{path}: parameter {key!r}: splits past dim 1 are not supported")
+    full = g.full_shape(info.shape) if g else info.shape
+    c = collecting.get(key)
+    if c is None:
+        c = collecting[key] = _Collecting(full, info.dtype, g, (rank, info.shape, info.dtype))
+        c.stage = stage
+    elif info.shape != c.first[1] or info.dtype != c.first[2]:
+        raise LayoutError(
+            f"parameter {key!r}: rank {rank} ({path}) holds a {info.dtype} slice of shape "
+            f"{list(info.shape)}, but rank {c.first[0]} holds a {c.first[2]} slice of shape "
+            f"{list(c.first[1])}; slices of one parameter must agree"
+        )
+    offsets = g.offsets(coords, info.shape) if g else coords
+    block = Block(path, rank, key, info.start, offsets, info.shape)
+    if coords in c.blocks:
+        c.replicas.append(block)
+    else:
+        c.blocks[coords] = block
+
+
+def _finish(name: str, c: _Collecting, strategy: Strategy, per_stage: int) -> SourceParam:
+    layout = strategy.layout(c.stage, name)
+    if layout is not None and layout.tensor_shape is not None and layout.tensor_shape != c.shape:
+        raise LayoutError(
+            f"parameter {name!r}: the strategy's tensor_shape {list(layout.tensor_shape)} "
+            f"disagrees with the {list(c.shape)} the rank files give"
+        )
+    parts = c.grid.parts if c.grid else (1,) * len(c.shape)
+    expected = list(itertools.product(*(range(p) for p in parts)))
+    missing = [coords for coords in expected if coords not in c.blocks]
+    if missing:
+        assert layout is not None and c.grid is not None  # an unsplit tensor has one block
+        should = holders(layout, len(c.shape))[missing[0]]
+        global_ranks = [c.stage * per_stage + r for r in should]
+        offsets = c.grid.offsets(missing[0], c.first[1])
+        raise CoverageError(
+            f"parameter {name!r}: the block at offsets {list(offsets)} (shape "
+            f"{list(c.first[1])}) is in no rank file; ranks {global_ranks} should hold it"
+            + (f" ({len(missing)} blocks missing in all)" if len(missing) > 1 else "")
+            + ". A de-duplicated save with a rank folder missing or replaced?"
+        )
+    return SourceParam(
+        name, c.shape, c.dtype, tuple(c.blocks[k] for k in expected), tuple(c.replicas)
+    )
