@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
@@ -10,9 +11,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ms2hf import __version__
+from ms2hf.demo import run_demo
 from ms2hf.errors import Ms2hfError
 from ms2hf.pipeline.budget import parse_size
+from ms2hf.legacy_flags import add_merge_flags, add_reverse_flags, merge_request, reverse_request
 from ms2hf.pipeline.convert import ConvertOptions, convert
+from ms2hf.pipeline.inspect import inspect
+from ms2hf.pipeline.merge import PART_SIZE, merge
+from ms2hf.pipeline.reverse import reverse
+from ms2hf.pipeline.shards import SHARD_LAYOUTS
+from ms2hf.pipeline.verify import VerifyOptions, verify
+from ms2hf.report_text import inspect_text
 from ms2hf.transforms.casts import TARGETS
 
 log = logging.getLogger("ms2hf")
@@ -47,6 +56,13 @@ def _add_verbosity(p: argparse.ArgumentParser) -> None:
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that writes a Hugging Face checkpoint."""
+    add_hf_options(p)
+    add_resource_options(p)
+    add_output_options(p)
+
+
+def add_hf_options(p: argparse.ArgumentParser) -> None:
+    """What the Hugging Face checkpoint is made of: dtype, shards, config and tokenizer files."""
     p.add_argument(
         "--dtype", choices=list(TARGETS), default="bf16",
         help="output dtype for floating-point tensors (default: bf16; source keeps each tensor's)",
@@ -55,14 +71,42 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         "--max-shard-size", type=size_arg, default=5_000_000_000, metavar="SIZE",
         help="largest output file, decimal units as huggingface_hub (default: 5GB)",
     )
-    add_resource_options(p)
+    p.add_argument(
+        "--reference-config", type=Path, metavar="HF_CONFIG_JSON",
+        help="a Hugging Face config.json giving what the weights cannot tell (rope theta, norm "
+        "epsilon, token ids, context length); its sizes must agree with the weights",
+    )
+    p.add_argument(
+        "--tokenizer-dir", type=Path, metavar="DIR",
+        help="copy the tokenizer and generation_config files found in DIR into the output",
+    )
+
+
+def add_config_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", type=Path, metavar="TRAIN_YAML",
         help="training yaml: weight layout flags, sizes to check, and config.json values",
     )
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """Options of every command that writes a checkpoint folder."""
+    add_config_option(p)
     p.add_argument(
         "--overwrite", action="store_true",
         help="write into a non-empty folder, replacing only the files this run writes",
+    )
+    p.add_argument(
+        "--strict", action="store_true",
+        help="make NaN or inf in the weights an error (default: a warning naming the tensor)",
+    )
+
+
+def add_check_replicas_option(p: argparse.ArgumentParser) -> None:
+    """For commands reading a training output saved with redundancy."""
+    p.add_argument(
+        "--check-replicas", action="store_true",
+        help="read every copy of every block and require it to match the copy converted",
     )
 
 
@@ -85,8 +129,12 @@ def run_options(args: argparse.Namespace) -> ConvertOptions:
         workers=args.workers,
         step=getattr(args, "step", None),
         config=args.config,
+        reference_config=args.reference_config,
+        tokenizer_dir=args.tokenizer_dir,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        strict=args.strict,
+        check_replicas=getattr(args, "check_replicas", False),
     )
 
 
@@ -102,11 +150,25 @@ def _add_convert(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="output folder")
     p.add_argument("--checkpoint-dir", type=Path, help="the rank_N folders' parent, if elsewhere")
     p.add_argument("--strategy-dir", type=Path, help="strategy files (or one merged file), if elsewhere")
-    p.add_argument("--step", metavar="EPOCH_STEP",
-                   help="which checkpoint, e.g. 1000_1 (default: newest present in every rank)")
+    _add_step(p)
     add_run_options(p)
+    add_check_replicas_option(p)
+    _add_json(p, "print the run's report (files, bytes, seconds, GB/s, peak memory) as JSON")
     _add_verbosity(p)
     return _run_convert
+
+
+def _add_step(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--step", metavar="EPOCH_STEP",
+                   help="which checkpoint, e.g. 1000_1 (default: newest present in every rank)")
+
+
+def _add_json(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--json", action="store_true", help=text)
+
+
+def _print_json(doc: object) -> None:
+    print(json.dumps(doc, indent=2))
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -120,10 +182,156 @@ def _run_convert(args: argparse.Namespace) -> int:
         strategy_dir=args.strategy_dir,
     )
     log.info("%s", report.summary())
+    if args.json:
+        _print_json(report.to_dict())
     return 0
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [_add_convert]
+def _add_inspect(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser(
+        "inspect",
+        help="describe a training output, unified or Hugging Face folder (headers only)",
+        description="Describe a checkpoint from its headers and strategy files alone: ranks, "
+        "stages, how every parameter is split and saved, bytes, the model and its config, and "
+        "what convert would write with the given options.",
+    )
+    p.add_argument("path", type=Path, metavar="PATH",
+                   help="training output (checkpoint/ + strategy/), unified or Hugging Face folder")
+    _add_step(p)
+    add_hf_options(p)
+    add_config_option(p)
+    _add_json(p, "print the full report as JSON (every parameter, unfolded)")
+    _add_verbosity(p)
+    return _run_inspect
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    options = ConvertOptions(
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        step=args.step,
+        config=args.config,
+        reference_config=args.reference_config,
+        tokenizer_dir=args.tokenizer_dir,
+    )
+    report = inspect(args.path, options)
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(inspect_text(report))
+    return 0
+
+
+def _add_merge(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser(
+        "merge",
+        help="training output -> unified MindSpore checkpoint (drop-in for unified_safetensors.py)",
+        description="Merge the rank files of one step into whole parameters, as MindSpore's "
+        "unified_safetensors does, without optimizer states, and without deleting anything.",
+    )
+    add_merge_flags(p)
+    p.add_argument(
+        "--part-size", type=size_arg, default=PART_SIZE, metavar="SIZE",
+        help="split into ceil(total / SIZE) balanced part files (default: 3GiB, as MindSpore)",
+    )
+    add_output_options(p)
+    add_resource_options(p)
+    _add_verbosity(p)
+    return _run_merge
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    request = merge_request(args)
+    for note in request.notes:
+        log.info("note: %s", note)
+    report = merge(request.source, request.strategy, request.output, request.options)
+    log.info("%s", report.summary())
+    return 0
+
+
+def _add_reverse(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser(
+        "reverse",
+        help="unified MindSpore checkpoint -> Hugging Face (drop-in for convert_weight.py "
+        "--reversed)",
+        description="Convert a merged (unified) Qwen3 checkpoint into the Hugging Face checkpoint "
+        "convert writes. Model flags are optional and checked against the weights.",
+    )
+    add_reverse_flags(p)
+    p.add_argument(
+        "--layout", choices=SHARD_LAYOUTS, default="size",
+        help="output files: size-based shards (default), or per-layer as the old tool wrote",
+    )
+    add_run_options(p)
+    _add_verbosity(p)
+    return _run_reverse
+
+
+def _run_reverse(args: argparse.Namespace) -> int:
+    request = reverse_request(args, run_options(args))
+    for note in request.notes:
+        log.info("note: %s", note)
+    report = reverse(request.source, request.output, request.options, request.model)
+    log.info("%s", report.summary())
+    return 0
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser(
+        "verify",
+        help="check a Hugging Face folder, and optionally its bytes against the training output",
+        description="Check every header, the index (every tensor once, every file present, "
+        "total_size), the shapes against config.json and the digests an ms2hf run recorded; "
+        "with --against, recompute every tensor from the training output and compare bytes. "
+        "Exit status 0: all good; 1: problems found (listed); 2: could not check.",
+    )
+    p.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="the Hugging Face folder")
+    p.add_argument("--against", type=Path, metavar="TRAINING_OUTPUT",
+                   help="the training output (checkpoint/ + strategy/) it was converted from")
+    _add_step(p)
+    add_config_option(p)
+    add_resource_options(p)
+    _add_verbosity(p)
+    return _run_verify
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    options = VerifyOptions(
+        step=args.step, config=args.config, memory_budget=args.memory_budget, workers=args.workers
+    )
+    report = verify(args.hf_dir, args.against, options)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> Handler:
+    p = sub.add_parser(
+        "demo",
+        help="generate a small training output, convert it, and check every tensor",
+        description="Write a small seeded Qwen3 training output (TP2 x DP2 x PP2, optimizer "
+        "sharding) into OUT_DIR/training_output, convert it into OUT_DIR/hf, and compare every "
+        "tensor with the expected bytes. Exits non-zero on any mismatch.",
+    )
+    p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for both outputs")
+    p.add_argument("--dtype", choices=list(TARGETS), default="bf16", help="output dtype (default: bf16)")
+    _add_verbosity(p)
+    return _run_demo
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    result = run_demo(args.out_dir, args.dtype, progress=not args.quiet)
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [
+    _add_convert,
+    _add_inspect,
+    _add_merge,
+    _add_reverse,
+    _add_verify,
+    _add_demo,
+]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.safetensors_reader import SafetensorsHeader
+from ms2hf.pipeline.merge import MergeOptions, merge
 
 DATA = Path(__file__).parent / "data"
 DENSE_FIXTURES = ["tiny_fp32", "tiny_bf16_dedup", "tiny_fp32_dp2tp2pp2_opt", "tiny_tied_fp32_tp2pp2"]
 MOE_FIXTURES = ["moe_fp32_dp2tp2pp2_ep2"]
+EXPECTED_DTYPE = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 
 
 def load_tensors(path: Path) -> dict[str, np.ndarray]:
@@ -24,6 +28,11 @@ def load_tensors(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file a user or loader sees (ms2hf's hidden run record is about the run, not output)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
+
+
 def load_hf_dir(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -31,6 +40,37 @@ def load_hf_dir(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def assert_matches_ground_truth(out: Path, fixture: Path, dtype: str) -> None:
+    """The converted folder holds exactly the fixture's ground-truth tensors, cast as ``dtype``
+    says (``source`` keeps them), bit for bit."""
+    got = load_hf_dir(out)
+    truth = load_tensors(fixture / "ground_truth" / "hf_model.safetensors")
+    assert sorted(got) == sorted(truth)
+    for name, want in truth.items():
+        if dtype != "source":
+            want = want.astype(EXPECTED_DTYPE[dtype])
+        assert got[name].dtype == want.dtype, name
+        assert got[name].shape == want.shape, name
+        assert got[name].tobytes() == want.tobytes(), name
+
+
 @pytest.fixture(params=DENSE_FIXTURES)
 def dense_fixture(request: pytest.FixtureRequest) -> Path:
     return DATA / request.param
+
+
+@pytest.fixture(scope="session")
+def unified_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Path]:
+    """A fixture's unified (merged) folder, in several parts, made once per session: read it,
+    never change it (copy it first)."""
+    done: dict[Path, Path] = {}
+
+    def get(fixture: Path) -> Path:
+        if fixture not in done:
+            out = tmp_path_factory.mktemp(f"unified-{fixture.name}")
+            options = MergeOptions(part_size=200_000, progress=False)
+            report = merge(fixture / "checkpoint", fixture / "strategy", out, options)
+            done[fixture] = report.output_dir
+        return done[fixture]
+
+    return get

@@ -5,30 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
 import pytest
 from safetensors import safe_open
 
 from ms2hf.pipeline.convert import ConvertOptions, convert
-from tests.conftest import load_hf_dir, load_tensors
-
-EXPECTED_DTYPE = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
+from tests.conftest import assert_matches_ground_truth, load_hf_dir
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32", "source"])
 def test_fixture_matches_ground_truth(dense_fixture: Path, dtype: str, tmp_path: Path) -> None:
     out = tmp_path / "hf"
     convert(dense_fixture, out, ConvertOptions(dtype=dtype, progress=False, workers=2))
-    got = load_hf_dir(out)
-    truth = load_tensors(dense_fixture / "ground_truth" / "hf_model.safetensors")
-    assert sorted(got) == sorted(truth)
-    for name, want in truth.items():
-        if dtype != "source":
-            want = want.astype(EXPECTED_DTYPE[dtype])
-        assert got[name].dtype == want.dtype, name
-        assert got[name].shape == want.shape, name
-        assert got[name].tobytes() == want.tobytes(), name
+    assert_matches_ground_truth(out, dense_fixture, dtype)
 
 
 def test_output_loads_with_safetensors_and_index_is_complete(dense_fixture: Path, tmp_path: Path) -> None:

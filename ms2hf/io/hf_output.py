@@ -1,4 +1,4 @@
-"""The small files beside the shards: the index and config.json, written atomically.
+"""The small files beside the shards: the index, config.json, tokenizer files, written atomically.
 
 The index goes last: loaders find shards through it, so its presence means the set is complete.
 """
@@ -7,28 +7,43 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ms2hf.errors import OutputError
+from ms2hf.io.safetensors_writer import temporary_name
 
 HF_INDEX = "model.safetensors.index.json"
 
 
-def write_json(path: Path, doc: Any) -> None:
-    """Write JSON under a temporary name, make it durable, then rename it into place."""
-    temporary = path.with_name(f".{path.name}.ms2hf-partial")
+@contextmanager
+def _atomic(path: Path) -> Iterator[BinaryIO]:
+    """A file written under a temporary name, made durable, then renamed into place: a reader
+    never sees it half written, and an existing file of that name stays whole until then."""
+    temporary = temporary_name(path)
     try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.write("\n")
+        with open(temporary, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
     except OSError as e:
-        temporary.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write: {e.strerror or e}") from e
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    with _atomic(path) as f:
+        f.write(json.dumps(doc, indent=2).encode("utf-8") + b"\n")
+
+
+def copy_file(source: Path, path: Path) -> None:
+    with _atomic(path) as f, open(source, "rb") as src:
+        shutil.copyfileobj(src, f)
 
 
 def index_document(

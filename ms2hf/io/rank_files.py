@@ -27,9 +27,11 @@ def find_rank_dirs(checkpoint_dir: str | Path) -> dict[int, Path]:
     }
     if not ranks:
         raise FormatError(f"{root}: no rank_N folders (expected rank_0, rank_1, ...)")
-    missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
-    if missing:
-        names = ", ".join(f"rank_{r}" for r in missing[:8]) + (" ..." if len(missing) > 8 else "")
+    if max(ranks) >= len(ranks):
+        # Bounded by the folders found, not by the largest number (a stray rank_99999999).
+        missing = [r for r in range(min(max(ranks), len(ranks) + 8)) if r not in ranks][:8]
+        total = max(ranks) + 1 - len(ranks)
+        names = ", ".join(f"rank_{r}" for r in missing) + (" ..." if total > len(missing) else "")
         raise FormatError(
             f"{root}: rank folders {names} are missing (found {len(ranks)} of {max(ranks) + 1})"
         )

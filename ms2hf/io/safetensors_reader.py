@@ -33,11 +33,15 @@ class TensorInfo:
     nbytes: int
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
 def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
+            raise _DuplicateKey(key)
         seen[key] = value
     return seen
 
@@ -49,7 +53,7 @@ def _parse_entry(path: Path, name: str, raw: object) -> tuple[str, tuple[int, ..
     if not isinstance(raw, dict):
         raise bad("entry is not a JSON object")
     dtype, shape, offsets = raw.get("dtype"), raw.get("shape"), raw.get("data_offsets")
-    if dtype not in NUMPY_DTYPES:
+    if not isinstance(dtype, str) or dtype not in NUMPY_DTYPES:
         raise bad(f"unknown dtype {dtype!r} (expected one of {', '.join(NUMPY_DTYPES)})")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
@@ -106,7 +110,11 @@ class SafetensorsHeader:
             raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-        except (UnicodeDecodeError, ValueError) as e:
+        except _DuplicateKey as e:
+            raise FormatError(
+                f"{path}: the header names {e.args[0]!r} twice (tensor names must be unique)"
+            ) from e
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise FormatError(f"{path}: header is not valid JSON: {e}") from e
         if not isinstance(header, dict):
             raise FormatError(f"{path}: header is JSON but not an object")

@@ -2,7 +2,9 @@
 each tensor's bytes at its known offset, in as many pieces and from as many threads as wanted.
 
 The file is written under a temporary name and renamed only when every byte is in place, so a
-file with the final name is always complete. Tensors are ordered as the reference writer orders
+file with the final name is always complete. Each tensor is checksummed as its bytes go by, so
+committing a file also yields its content digest (``ms2hf.io.shard_digest``) without reading it
+back; that is what lets an interrupted run trust, after checking, the files it already finished. Tensors are ordered as the reference writer orders
 them (wider dtypes first, then by name), with compact JSON padded to a multiple of 8 bytes.
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ms2hf.errors import OutputError
+from ms2hf.io import shard_digest
 from ms2hf.io.dtypes import itemsize, to_numpy
 
 
@@ -65,37 +68,71 @@ def layout_shard(entries: Sequence[TensorEntry], metadata: Mapping[str, str]) ->
     return ShardLayout(prefix, ordered, starts, len(prefix) + offset)
 
 
+PARTIAL_SUFFIX = ".ms2hf-partial"
+
+
 def temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.ms2hf-partial")
+    """Where ``path`` is written until complete: hidden, and never matching ``*.safetensors``."""
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
 
 
 class ShardWriter:
-    """One output file being written: ``write`` pieces at any position, then ``commit``."""
+    """One output file being written: each tensor's bytes front to back (tensors in any order,
+    from any thread), then ``commit``."""
 
     def __init__(self, path: str | os.PathLike[str], layout: ShardLayout) -> None:
         self.path = Path(path)
         self.layout = layout
         self.temporary = temporary_name(self.path)
+        self._written = {e.name: 0 for e in layout.entries}
+        self._crc = {e.name: 0 for e in layout.entries}
         try:
             self._fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            _write_all(self._fd, layout.header, 0, self.temporary)
         except OSError as e:
-            raise OutputError(f"{self.temporary}: cannot write: {e.strerror or e}") from e
+            raise OutputError(f"{self.path}: cannot create {self.temporary.name}: {e.strerror or e}") from e
+        try:
+            self._write_at(layout.header, 0)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, offset: int, data: np.ndarray | bytes | memoryview) -> None:
-        """Write bytes of tensor ``name`` starting ``offset`` bytes into that tensor."""
-        _write_all(self._fd, memoryview(data).cast("B"), self.layout.starts[name] + offset, self.temporary)
+        """Write the next bytes of tensor ``name``, which start ``offset`` bytes into it."""
+        if offset != self._written[name]:
+            raise ValueError(f"{name}: bytes written at {offset}, expected {self._written[name]}")
+        view = memoryview(data).cast("B")
+        self._crc[name] = shard_digest.crc(view, self._crc[name])
+        self._written[name] += len(view)
+        self._write_at(view, self.layout.starts[name] + offset)
 
-    def commit(self) -> None:
-        """Make the file durable, then give it its final name."""
+    def _write_at(self, data: bytes | memoryview, position: int) -> None:
+        view = memoryview(data)
         try:
-            os.ftruncate(self._fd, self.layout.size)
+            while view:
+                n = os.pwrite(self._fd, view, position)
+                view = view[n:]
+                position += n
+        except OSError as e:
+            raise OutputError(
+                f"{self.path}: write failed: {e.strerror or e} (output disk full, or a file size "
+                "limit?); nothing is left under this name"
+            ) from e
+
+    def commit(self) -> str:
+        """Make the file durable, give it its final name, and return its content digest."""
+        short = [e.name for e in self.layout.entries if self._written[e.name] != e.nbytes]
+        if short:
+            raise ValueError(f"{self.path}: tensor {short[0]} is not fully written")
+        try:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
             os.replace(self.temporary, self.path)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot finish writing: {e.strerror or e}") from e
+        return shard_digest.combine(
+            self.layout.header, ((e.name, e.nbytes, self._crc[e.name]) for e in self.layout.entries)
+        )
 
     def abort(self) -> None:
         """Drop the partial file: nothing with a final name was written."""
@@ -106,17 +143,6 @@ class ShardWriter:
             self.temporary.unlink()
         except FileNotFoundError:
             pass
-
-
-def _write_all(fd: int, data: bytes | memoryview, position: int, path: Path) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.pwrite(fd, view, position)
-        except OSError as e:
-            raise OutputError(f"{path}: write failed: {e.strerror or e}") from e
-        view = view[n:]
-        position += n
 
 
 def save_file(

@@ -180,6 +180,8 @@ def _parse_protobuf(path: Path, data: bytes) -> StrategyFile:
             f"{path}: holds no parameter layouts (an empty strategy file, or not a strategy file)"
         )
     names = [item.param_name for item in msg.parallel_layout_item]
+    if not all(isinstance(n, str) for n in names):  # proto2 hands back bytes that are not UTF-8
+        raise FormatError(f"{path}: a parameter name is not valid UTF-8 (a damaged strategy file?)")
     stage = None
     if not _is_merged(names):
         stage = (
@@ -208,7 +210,7 @@ def _parse_protobuf(path: Path, data: bytes) -> StrategyFile:
 def _parse_json(path: Path, data: bytes) -> StrategyFile:
     try:
         doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{path}: neither a protobuf strategy file nor valid JSON: {e}") from e
     items = doc.get("parallel_layout_item") if isinstance(doc, dict) else None
     if not isinstance(items, dict) or not items:
@@ -246,7 +248,7 @@ def _parse_json(path: Path, data: bytes) -> StrategyFile:
                 int(raw.get("opt_weight_shard_size", 0)),
                 None if shape is None else _ints(shape, path, name, "tensor_shape"),
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise FormatError(f"{path}: parameter {name!r}: malformed layout: {e}") from e
     return StrategyFile(path, stage, layouts)
 

@@ -7,6 +7,7 @@ name here and the rest of ms2hf sees one vocabulary.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,14 @@ ALIASES: dict[str, str] = {
 }
 
 
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-6`` as a string, and yamls write epsilons that way."""
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.match(value) else value
+
+
 def read_train_config(path: str | Path) -> dict[str, tuple[Any, str]]:
     """``{hf_name: (value, where it came from)}`` from ``model.model_config`` of the yaml."""
     path = Path(path)
@@ -70,6 +79,7 @@ def read_train_config(path: str | Path) -> dict[str, tuple[Any, str]]:
         name = ALIASES.get(key)
         if name is None or value is None:
             continue
+        value = _number(value)
         origin = f"{path.name}: model.model_config.{key}"
         if name in out and out[name][0] != value:
             raise FormatError(

@@ -15,7 +15,7 @@ import numpy as np
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.pipeline.source_plan import Block, SourceParam
-from ms2hf.transforms.casts import cast_into
+from ms2hf.transforms.casts import cast_into, cast_transposed_into
 from ms2hf.transforms.rules import OutputTensor, Piece
 
 
@@ -70,7 +70,7 @@ def _fill_piece(
             r0 = piece.row_start + piece.row_step * j0 - br0
             window = src[r0 : r0 + piece.row_step * (j1 - j0) : piece.row_step, c0 - bc0 : c1 - bc0]
             out_r0 = c0 - piece.col_start - first
-            cast_into(dst[out_r0 : out_r0 + (c1 - c0), j0:j1], window.T)
+            cast_transposed_into(dst[out_r0 : out_r0 + (c1 - c0), j0:j1], window)
         else:
             i0, i1 = _strided_span(piece.row_start, piece.row_step, br0, br0 + brows, first, last)
             c0 = max(piece.col_start, bc0)

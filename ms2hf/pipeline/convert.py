@@ -10,20 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ms2hf.errors import OutputError
+from ms2hf.errors import FormatError, ModelError, OutputError
 from ms2hf.io.dtypes import itemsize
-from ms2hf.io.hf_output import HF_INDEX, index_document, write_json
+from ms2hf.io.hf_output import HF_INDEX, copy_file, index_document, write_json
 from ms2hf.io.mapped import MappedFiles
-from ms2hf.io.train_yaml import read_train_config
+from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.pipeline.budget import MemoryBudget, format_size
-from ms2hf.pipeline.execute import PlannedFile, PlannedTensor, write_files
+from ms2hf.pipeline.config_sources import given_values, origin_lines
+from ms2hf.pipeline.execute import PlannedFile, PlannedTensor, SmallFile, write_files
+from ms2hf.pipeline.finite import FiniteCheck
+from ms2hf.pipeline.jsonable import jsonable
 from ms2hf.pipeline.output_dir import prepare_output_dir
 from ms2hf.pipeline.progress import Progress
-from ms2hf.pipeline.shards import hf_shard_names, pack
+from ms2hf.pipeline.replicas import check_replicas
+from ms2hf.pipeline.resources import MemorySampler, peak_rss_bytes
+from ms2hf.pipeline.shards import assign_shards
 from ms2hf.pipeline.source_plan import SourcePlan, plan_source
 from ms2hf.transforms.casts import output_dtype
 from ms2hf.transforms.hf_config import config_json
@@ -38,16 +44,28 @@ HF_METADATA = {"format": "pt"}
 class ConvertOptions:
     dtype: str = "bf16"
     max_shard_size: int = 5_000_000_000
+    shard_layout: str = "size"
+    """``size`` (huggingface_hub's packing) or ``per-layer`` (the old reverse tool's files)."""
     memory_budget: int | None = None
     """Bytes of buffers the run may hold; None for a fraction of the available memory."""
     workers: int | None = None
     step: str | None = None
     config: Path | None = None
     """A training yaml: layout flags, sizes to check, config values the weights cannot tell."""
+    reference_config: Path | None = None
+    """A Hugging Face config.json: config values the weights cannot tell; its sizes are checked."""
+    tokenizer_dir: Path | None = None
+    """A folder whose tokenizer and generation files are copied into the output."""
     given: dict[str, tuple[Any, str]] = field(default_factory=dict)
     """Values from flags, ``{hf name: (value, flag)}``: checked against the shapes."""
     overwrite: bool = False
     progress: bool = True
+    strict: bool = False
+    """Non-finite weights are an error instead of a warning."""
+    check_replicas: bool = False
+    """Read every replica of every block and require it to match the copy converted."""
+    record_reads: bool = False
+    """Keep every byte range the conversion reads in the report, to prove what was read."""
 
 
 @dataclass
@@ -60,14 +78,28 @@ class ConvertReport:
     bytes_read: int
     seconds: float
     config_origins: dict[str, str]
+    tokenizer_files: list[str] = field(default_factory=list)
+    peak_rss_bytes: int = 0
+    """The process's largest resident size, page cache of the mapped inputs included."""
+    peak_anonymous_bytes: int = 0
+    """The largest anonymous resident size sampled while writing: what the run itself held."""
+    read_ranges: list[tuple[Path, int, int]] = field(default_factory=list)
+    """Distinct ``(file, start, end)`` ranges read, when ``record_reads`` was on."""
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        rate = self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else float("inf")
         return (
             f"wrote {self.tensors} tensors ({format_size(self.bytes_written)}) in "
             f"{len(self.files)} file(s) to {self.output_dir} in {self.seconds:.1f} s "
-            f"({rate:.2f} GB/s); read {format_size(self.bytes_read)} of model weights"
+            f"({self.gb_per_s:.2f} GB/s); read {format_size(self.bytes_read)} of model weights; "
+            f"peak memory {format_size(self.peak_anonymous_bytes)} anonymous"
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**jsonable(self), "gb_per_s": self.gb_per_s}
 
 
 def default_workers() -> int:
@@ -75,18 +107,32 @@ def default_workers() -> int:
 
 
 def gather_given(options: ConvertOptions) -> dict[str, tuple[Any, str]]:
-    """Yaml values, then flags on top (a flag names itself in messages)."""
-    given = dict(read_train_config(options.config)) if options.config else {}
-    given.update(options.given)
-    return given
+    """Reference config and yaml values, then flags on top (a flag names itself in messages)."""
+    return given_values(options.reference_config, options.config, options.given)
 
 
-def plan_hf_files(model: HfModel, source: SourcePlan, dtype: str, max_shard_size: int) -> list[PlannedFile]:
+def plan_hf_files(model: HfModel, source: SourcePlan, options: ConvertOptions) -> list[PlannedFile]:
     planned = [
-        PlannedTensor(t, output_dtype(source.params[t.source].dtype, dtype)) for t in model.outputs
+        PlannedTensor(t, output_dtype(source.params[t.source].dtype, options.dtype))
+        for t in model.outputs
     ]
-    groups = pack(planned, [p.entry.nbytes for p in planned], max_shard_size)
-    return [PlannedFile(name, tuple(g)) for name, g in zip(hf_shard_names(len(groups)), groups)]
+    names = [p.tensor.name for p in planned]
+    sizes = [p.entry.nbytes for p in planned]
+    shards = assign_shards(planned, names, sizes, options.max_shard_size, options.shard_layout)
+    return [PlannedFile(name, tuple(g)) for name, g in shards]
+
+
+def plan_hf_checkpoint(
+    source: SourcePlan, options: ConvertOptions, given: dict[str, tuple[Any, str]]
+) -> tuple[HfModel, list[PlannedFile]]:
+    """The model, its config and the files a run would write, from shapes alone."""
+    shapes = {name: p.shape for name, p in source.params.items()}
+    dtype_tag = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}.get(options.dtype)
+    if dtype_tag is None:
+        dtypes = {p.dtype for p in source.params.values()}
+        dtype_tag = dtypes.pop() if len(dtypes) == 1 else "F32"
+    model = hf_model(shapes, given, dtype_tag)
+    return model, plan_hf_files(model, source, options)
 
 
 def write_hf_checkpoint(
@@ -94,13 +140,8 @@ def write_hf_checkpoint(
 ) -> ConvertReport:
     """The shared back half of ``convert`` and ``reverse``: model rules, shards, index, config."""
     started = time.perf_counter()
-    shapes = {name: p.shape for name, p in source.params.items()}
-    dtype_tag = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}.get(options.dtype)
-    if dtype_tag is None:
-        dtypes = {p.dtype for p in source.params.values()}
-        dtype_tag = dtypes.pop() if len(dtypes) == 1 else "F32"
-    model = hf_model(shapes, given, dtype_tag)
-    files = plan_hf_files(model, source, options.dtype, options.max_shard_size)
+    model, files = plan_hf_checkpoint(source, options, given)
+    tokenizer = find_tokenizer_files(options.tokenizer_dir) if options.tokenizer_dir else []
     prepare_output_dir(out_dir, options.overwrite)
     workers = options.workers or default_workers()
     budget = MemoryBudget.resolve(options.memory_budget, workers)
@@ -110,15 +151,29 @@ def write_hf_checkpoint(
         model.model_type, len(model.outputs), format_size(total), len(files),
         format_size(budget.total), budget.workers,
     )
-    for name, value in sorted(model.config.items()):
-        log.debug("config %s = %r (%s)", name, value.value, value.origin)
-    with MappedFiles() as mapped, Progress(total, "convert", options.progress) as progress:
-        write_files(out_dir, files, source.params, HF_METADATA, budget, progress, mapped)
-        bytes_read = mapped.bytes_viewed
-    write_json(out_dir / "config.json", config_json(model.config))
+    log.info("config.json values, by where they came from:")
+    for line in origin_lines(model.config):
+        log.info("%s", line)
     weight_map = {t.tensor.name: f.name for f in files for t in f.tensors}
     n_params = sum(t.entry.nbytes // itemsize(t.dtype) for f in files for t in f.tensors)
-    write_json(out_dir / HF_INDEX, index_document(weight_map, total, n_params))
+    config = config_json(model.config)
+    index = index_document(weight_map, total, n_params)
+    then = [
+        *(SmallFile(path.name, partial(copy_file, path)) for path in tokenizer),
+        SmallFile("config.json", lambda path: write_json(path, config)),
+        SmallFile(HF_INDEX, lambda path: write_json(path, index)),
+    ]
+    with MemorySampler() as memory, MappedFiles() as mapped, Progress(
+        total, "convert", options.progress
+    ) as progress:
+        mapped.record = options.record_reads
+        write_files(
+            out_dir, files, source.params, HF_METADATA, budget, progress, mapped,
+            FiniteCheck(options.strict), then=then, overwrite=options.overwrite,
+        )
+        bytes_read = mapped.bytes_viewed
+        read_ranges = sorted(set(mapped.ranges))
+    copied = [path.name for path in tokenizer]
     return ConvertReport(
         output_dir=out_dir,
         model_type=model.model_type,
@@ -128,6 +183,10 @@ def write_hf_checkpoint(
         bytes_read=bytes_read,
         seconds=time.perf_counter() - started,
         config_origins={k: v.origin for k, v in model.config.items()},
+        tokenizer_files=copied,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_anonymous_bytes=memory.peak_anonymous,
+        read_ranges=read_ranges,
     )
 
 
@@ -146,6 +205,11 @@ def convert(
         if training_output is None:
             raise OutputError("give a training output folder, or both --checkpoint-dir and --strategy-dir")
         root = Path(training_output)
+        if not root.is_dir():
+            raise FormatError(
+                f"{root}: training output folder does not exist (expected a folder holding "
+                "checkpoint/ and strategy/)"
+            )
         checkpoint_dir = checkpoint_dir or root / "checkpoint"
         strategy_dir = strategy_dir or root / "strategy"
     given = gather_given(options)
@@ -156,6 +220,12 @@ def convert(
         source.step, len(source.files), source.num_stages, len(source.params),
         format_size(source.param_bytes), format_size(source.optimizer_bytes),
     )
-    report = write_hf_checkpoint(source, Path(out_dir), options, given)
+    if options.check_replicas:
+        with MappedFiles() as mapped:
+            check_replicas(source, mapped)
+    try:
+        report = write_hf_checkpoint(source, Path(out_dir), options, given)
+    except ModelError as e:
+        raise ModelError(f"{checkpoint_dir}, step {source.step}: {e}") from e
     report.seconds = time.perf_counter() - started
     return report

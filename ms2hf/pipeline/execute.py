@@ -4,11 +4,19 @@ written at its place in its file, by a few worker threads.
 Each file's header is fixed before its first byte (the plan knows every name, dtype and shape),
 so tensors can be written in any order and by any worker, and the bytes come out the same for
 any worker count. A file gets its final name once its last tensor is written; on any error every
-unfinished file is removed, so nothing with a final name is ever partial.
+unfinished file is removed, so nothing with a final name is ever partial. The output folder is
+claimed first (``ms2hf.pipeline.output_dir``): files a killed run of the same plan finished are
+verified and kept, each file committed now is recorded with its digest, and the small files
+that describe the set (the index last) are written only once every shard is in place.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import logging
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ms2hf.errors import FormatError
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
-from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
+from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, TensorEntry, layout_shard
 from ms2hf.pipeline.assemble import fill_rows, row_bands
 from ms2hf.pipeline.budget import MemoryBudget
+from ms2hf.pipeline.output_dir import OutputRun, claim_output_dir
 from ms2hf.pipeline.progress import Progress
 from ms2hf.pipeline.source_plan import SourceParam
 from ms2hf.transforms.rules import OutputTensor
@@ -48,7 +58,20 @@ class PlannedFile:
 
 
 BandCheck = Callable[[PlannedTensor, np.ndarray], None]
-"""Called on every assembled band before it is written (finiteness checks, hashing)."""
+"""Called on every assembled band before it is written (finiteness checks). Its ``repr`` is
+part of the plan's fingerprint (a rerun with another check is another run), so it must be stable:
+a frozen dataclass, not a lambda."""
+
+log = logging.getLogger("ms2hf")
+
+
+@dataclass(frozen=True)
+class SmallFile:
+    """A file written whole once every shard is in place (config, index): ``write(path)``
+    must write it atomically (``ms2hf.io.hf_output``)."""
+
+    name: str
+    write: Callable[[Path], None]
 
 
 class _OpenFile:
@@ -60,19 +83,19 @@ class _OpenFile:
 class _Run:
     def __init__(
         self,
-        out_dir: Path,
+        output: OutputRun,
         files: Sequence[PlannedFile],
+        layouts: Mapping[str, ShardLayout],
         params: Mapping[str, SourceParam],
-        metadata: Mapping[str, str],
         budget: MemoryBudget,
         progress: Progress,
         mapped: MappedFiles,
         check: BandCheck | None,
     ) -> None:
-        self.out_dir = out_dir
+        self.output = output
         self.files = files
+        self.layouts = layouts
         self.params = params
-        self.metadata = metadata
         self.budget = budget
         self.progress = progress
         self.mapped = mapped
@@ -89,8 +112,8 @@ class _Run:
             job = next(self.jobs, None)
             if job is not None and job[0].name not in self.open:
                 f = job[0]
-                layout = layout_shard([t.entry for t in f.tensors], self.metadata)
-                self.open[f.name] = _OpenFile(ShardWriter(self.out_dir / f.name, layout), len(f.tensors))
+                writer = ShardWriter(self.output.folder / f.name, self.layouts[f.name])
+                self.open[f.name] = _OpenFile(writer, len(f.tensors))
             return job
 
     def _done(self, f: PlannedFile) -> None:
@@ -99,7 +122,7 @@ class _Run:
             state.remaining -= 1
             finished = state.remaining == 0
         if finished:
-            state.writer.commit()
+            self.output.record(f.name, state.writer.commit())
             with self.lock:
                 del self.open[f.name]
 
@@ -138,6 +161,41 @@ class _Run:
         self.open.clear()
 
 
+def plan_fingerprint(
+    files: Sequence[PlannedFile],
+    params: Mapping[str, SourceParam],
+    metadata: Mapping[str, str],
+    check: BandCheck | None,
+) -> str:
+    """What decides the bytes of a run: every output tensor's recipe, the source blocks it reads,
+    and the identity (size, modification time) of every source file."""
+    used = sorted({t.tensor.source for f in files for t in f.tensors})
+    paths = {b.path for name in used for b in params[name].blocks}
+    where = {p: p.resolve() for p in paths}
+    stats = {}
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise FormatError(f"{p}: cannot read: {e.strerror or e}") from e
+        stats[str(where[p])] = [st.st_size, st.st_mtime_ns]
+    doc = {
+        "metadata": dict(metadata),
+        "check": repr(check),
+        "files": [[f.name, [[t.dtype, dataclasses.astuple(t.tensor)] for t in f.tensors]] for f in files],
+        "sources": {
+            name: [
+                params[name].dtype,
+                params[name].shape,
+                [[str(where[b.path]), b.start, b.offsets, b.shape] for b in params[name].blocks],
+            ]
+            for name in used
+        },
+        "stats": stats,
+    }
+    return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
 def write_files(
     out_dir: Path,
     files: Sequence[PlannedFile],
@@ -147,15 +205,36 @@ def write_files(
     progress: Progress,
     mapped: MappedFiles,
     check: BandCheck | None = None,
+    *,
+    then: Sequence[SmallFile] = (),
+    overwrite: bool = False,
 ) -> None:
-    """Write every planned file into ``out_dir``; on failure, leave none of them half-written."""
-    run = _Run(out_dir, files, params, metadata, budget, progress, mapped, check)
+    """Write every planned file into ``out_dir`` (accepted by ``prepare_output_dir``), then the
+    small files ``then`` in order, the index last; resume a killed run of the same plan; on
+    failure, leave none of the files half-written."""
+    layouts = {f.name: layout_shard([t.entry for t in f.tensors], metadata) for f in files}
+    fingerprint = plan_fingerprint(files, params, metadata, check)
+    sizes = {name: layout.size for name, layout in layouts.items()}
+    with claim_output_dir(out_dir, fingerprint, sizes, [s.name for s in then], overwrite) as output:
+        pending = [f for f in files if f.name not in output.finished]
+        if len(pending) < len(files):
+            log.info(
+                "resuming: %d of %d file(s) already complete in %s (sizes and digests checked)",
+                len(files) - len(pending), len(files), out_dir,
+            )
+            progress.advance(sum(f.nbytes for f in files if f.name in output.finished))
+        _execute(_Run(output, pending, layouts, params, budget, progress, mapped, check))
+        for small in then:
+            small.write(out_dir / small.name)
+
+
+def _execute(run: _Run) -> None:
     try:
-        if budget.workers == 1:
+        if run.budget.workers == 1:
             run.worker()
         else:
-            with ThreadPoolExecutor(budget.workers, thread_name_prefix="ms2hf") as pool:
-                futures = [pool.submit(run.worker) for _ in range(budget.workers)]
+            with ThreadPoolExecutor(run.budget.workers, thread_name_prefix="ms2hf") as pool:
+                futures = [pool.submit(run.worker) for _ in range(run.budget.workers)]
                 for future in futures:
                     future.result()
     except BaseException:

@@ -65,6 +65,12 @@ def grid(layout: Layout, ndim: int) -> Grid:
         else:
             chunks = layout.devices // math.prod(splits)
         splits[0] *= chunks
+    if math.prod(splits) > layout.devices:
+        raise LayoutError(
+            f"the layout cuts the tensor into {math.prod(splits)} blocks "
+            f"(optimizer shard size {layout.opt_shard_size}), more than its "
+            f"{layout.devices} devices can hold"
+        )
     return Grid(tuple(splits), dim_axes, chunks)
 
 

@@ -54,6 +54,12 @@ class SourceParam:
         return n
 
 
+def whole_param(path: Path, rank: int, info: TensorInfo) -> SourceParam:
+    """A tensor stored whole in one file (a scalar, a merged parameter): one block at the origin."""
+    block = Block(path, rank, info.name, info.start, (0,) * len(info.shape), info.shape)
+    return SourceParam(info.name, info.shape, info.dtype, (block,))
+
+
 @dataclass(frozen=True)
 class RankFile:
     rank: int
@@ -67,12 +73,15 @@ class SourcePlan:
     step: str
     files: tuple[RankFile, ...]
     params: dict[str, SourceParam]
-    scalars: dict[str, Block]
-    """Training scalars (step counters, loss scale), from the lowest rank holding each."""
+    scalars: dict[str, SourceParam]
+    """Training scalars (step counters, loss scale), each a single block from the lowest rank
+    holding it: what ``merge`` copies into ``hyper_param.safetensors``."""
     remove_redundancy: bool
     num_stages: int
     layouts: dict[str, str] = field(default_factory=dict)
     """A short description of each parameter's layout, for inspect and error messages."""
+    grids: dict[str, Grid] = field(default_factory=dict)
+    """How the strategy cuts each parameter it lays out; one absent is stored whole."""
     optimizer_bytes: int = 0
     scalar_bytes: int = 0
 
@@ -145,7 +154,7 @@ def build_source_plan(
 
     files: list[RankFile] = []
     collecting: dict[str, _Collecting] = {}
-    scalars: dict[str, Block] = {}
+    scalars: dict[str, SourceParam] = {}
     optimizer_bytes = scalar_bytes = 0
     for rank, header in zip(ranks, headers):
         stage = strategy.stage_of_rank(rank, world)
@@ -163,13 +172,13 @@ def build_source_plan(
                 continue
             if kind is KeyKind.SCALAR:
                 scalar_bytes += info.nbytes
-                scalars.setdefault(
-                    key, Block(header.path, rank, key, info.start, (), info.shape)
-                )
+                if key not in scalars:
+                    scalars[key] = whole_param(header.path, rank, info)
                 continue
             _place(collecting, strategy, header.path, rank, stage, local, per_stage, info)
 
-    params = {name: _finish(name, c, strategy, per_stage) for name, c in collecting.items()}
+    paths = {f.rank: f.path for f in files}
+    params = {name: _finish(name, c, strategy, per_stage, paths) for name, c in collecting.items()}
     layouts = {name: _describe(c.grid) for name, c in collecting.items()}
     return SourcePlan(
         step=step,
@@ -179,6 +188,7 @@ def build_source_plan(
         remove_redundancy=_redundancy_removed(headers),
         num_stages=stages,
         layouts=layouts,
+        grids={name: c.grid for name, c in collecting.items() if c.grid is not None},
         optimizer_bytes=optimizer_bytes,
         scalar_bytes=scalar_bytes,
     )
@@ -230,7 +240,9 @@ def _place(
         c.blocks[coords] = block
 
 
-def _finish(name: str, c: _Collecting, strategy: Strategy, per_stage: int) -> SourceParam:
+def _finish(
+    name: str, c: _Collecting, strategy: Strategy, per_stage: int, paths: Mapping[int, Path]
+) -> SourceParam:
     layout = strategy.layout(c.stage, name)
     if layout is not None and layout.tensor_shape is not None and layout.tensor_shape != c.shape:
         raise LayoutError(
@@ -247,7 +259,8 @@ def _finish(name: str, c: _Collecting, strategy: Strategy, per_stage: int) -> So
         offsets = c.grid.offsets(missing[0], c.first[1])
         raise CoverageError(
             f"parameter {name!r}: the block at offsets {list(offsets)} (shape "
-            f"{list(c.first[1])}) is in no rank file; ranks {global_ranks} should hold it"
+            f"{list(c.first[1])}) is in no rank file; ranks {global_ranks} should hold it, "
+            f"but {paths[global_ranks[0]]} does not"
             + (f" ({len(missing)} blocks missing in all)" if len(missing) > 1 else "")
             + ". A de-duplicated save with a rank folder missing or replaced?"
         )

@@ -26,5 +26,29 @@ def output_dtype(source_dtype: str, target: str) -> str:
 
 
 def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """Copy ``src`` into ``dst``, converting to ``dst``'s dtype (a byte copy when they match)."""
-    np.copyto(dst, src, casting="unsafe")
+    """Copy ``src`` into ``dst``, converting to ``dst``'s dtype (a byte copy when they match).
+
+    Overflow to inf is the rule's result, not a fault; the finiteness check reports it per tensor
+    (``ms2hf.pipeline.finite``), so numpy's own warning is silenced."""
+    with np.errstate(over="ignore"):
+        np.copyto(dst, src, casting="unsafe")
+
+
+TRANSPOSE_STRIP_BYTES = 1 << 20
+"""Per strip of a transposed copy. numpy copies ``src.T`` element by element against the cache
+(0.1-0.2 GB/s for an MoE expert); strips of source rows that stay in cache, each cast while still
+contiguous, run 3-6 times faster. The scratch for the cast is at most this size."""
+
+
+def cast_transposed_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst = src.T``, converted to ``dst``'s dtype, strip by strip of ``src`` rows."""
+    rows = max(8, TRANSPOSE_STRIP_BYTES // max(1, src.shape[1] * dst.dtype.itemsize))
+    scratch = None
+    if src.dtype != dst.dtype:
+        scratch = np.empty((min(rows, src.shape[0]), src.shape[1]), dst.dtype)
+    for r in range(0, src.shape[0], rows):
+        strip = src[r : r + rows]
+        if scratch is not None:
+            strip = scratch[: len(strip)]
+            cast_into(strip, src[r : r + rows])
+        dst[:, r : r + len(strip)] = strip.T

@@ -8,7 +8,7 @@ needed; a flag that disagrees with the weights names the flag, the tensor and bo
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +60,8 @@ class Dims:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    intermediate_size: int
+    intermediate_size: int | None
+    """None when no layer has a dense MLP (an all-MoE model): the weights cannot tell it."""
     tie_word_embeddings: bool
 
 
@@ -127,14 +128,14 @@ def infer_dims(shapes: Shapes) -> Dims:
     return dims
 
 
-def _intermediate_size(shapes: Shapes, layers: dict[int, dict[str, str]]) -> int:
+def _intermediate_size(shapes: Shapes, layers: dict[int, dict[str, str]]) -> int | None:
     for keys in layers.values():
         if FC1 in keys:
             rows = shapes[keys[FC1]][0]
             if rows % 2:
                 raise ModelError(f"{keys[FC1]} has {rows} rows; gate and up need an even count")
             return rows // 2
-    return 0  # an all-MoE model has no dense MLP
+    return None
 
 
 # Which tensor each size is read from, for messages about disagreeing flags.
@@ -153,9 +154,9 @@ DIM_SOURCES = {
 def check_given(dims: object, given: Mapping[str, tuple[Any, str]], sources: Mapping[str, str]) -> None:
     """Fail on the first given value (a flag or a yaml entry) that the shapes contradict."""
     for name, (value, origin) in given.items():
-        if not hasattr(dims, name):
+        actual = getattr(dims, name, None)
+        if actual is None:  # a size the weights cannot tell: nothing to check against
             continue
-        actual = getattr(dims, name)
         if isinstance(actual, bool):
             ok = bool(value) == actual
         else:
@@ -192,6 +193,7 @@ def attention_outputs(
 
 
 def dense_mlp_outputs(i: int, keys: Mapping[str, str], shapes: Shapes, layout: WeightLayout) -> list[OutputTensor]:
+    require(i, keys, [FC1, *DENSE_MLP_COPIES])
     p = f"model.layers.{i}."
     fc1 = keys[FC1]
     shape = shapes[fc1]
@@ -219,7 +221,7 @@ def require(i: int, keys: Mapping[str, str], suffixes: list[str]) -> None:
         )
 
 
-def check_unexpected(shapes: Shapes, used: set[str], skipped: set[str]) -> None:
+def check_unexpected(shapes: Shapes, used: set[str], skipped: frozenset[str]) -> None:
     unexpected = sorted(set(shapes) - used - skipped)
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
@@ -240,14 +242,25 @@ def global_outputs_tail(shapes: Shapes, dims: Dims) -> list[OutputTensor]:
     return out
 
 
-def output_tensors(shapes: Shapes, dims: Dims, layout: WeightLayout) -> list[OutputTensor]:
-    """Every Hugging Face tensor of a dense Qwen3, in Hugging Face's module order."""
+MlpRule = Callable[[int, Mapping[str, str], Shapes, WeightLayout], list[OutputTensor]]
+"""A layer's MLP tensors from its keys; the one part of a layer that differs between models."""
+
+
+def output_tensors(
+    shapes: Shapes,
+    dims: Dims,
+    layout: WeightLayout,
+    mlp_outputs: MlpRule = dense_mlp_outputs,
+    skipped: frozenset[str] = frozenset(),
+) -> list[OutputTensor]:
+    """Every Hugging Face tensor, in Hugging Face's module order; any parameter that is neither
+    used nor in ``skipped`` is an error."""
     out = global_outputs_head(shapes)
     for i, keys in layer_keys(shapes).items():
-        require(i, keys, [QKV, FC1, *ATTENTION_COPIES, *DENSE_MLP_COPIES, *NORM_COPIES])
+        require(i, keys, [QKV, *ATTENTION_COPIES, *NORM_COPIES])
         out += attention_outputs(i, keys, shapes, dims, layout)
-        out += dense_mlp_outputs(i, keys, shapes, layout)
+        out += mlp_outputs(i, keys, shapes, layout)
         out += norm_outputs(i, keys, shapes)
     out += global_outputs_tail(shapes, dims)
-    check_unexpected(shapes, {t.source for t in out}, set())
+    check_unexpected(shapes, {t.source for t in out}, skipped)
     return out

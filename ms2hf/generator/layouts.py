@@ -1,0 +1,101 @@
+"""How a generated parameter is laid out over a stage's devices, and which ranks save it.
+
+The slice math is ``ms2hf.pipeline.placement``'s (one source of truth for converter and
+generator); this module only decides what a training run decides: whether the optimizer shards a
+parameter, and, when redundancy is removed, which rank of each replica group saves each key.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from ms2hf.errors import Ms2hfError
+from ms2hf.generator.params import ParamSpec
+from ms2hf.io.strategy import Layout
+from ms2hf.pipeline.placement import block_coords, grid, holders
+
+SAVED_STATES = ("adam_m.", "adam_v.")
+ACCUMULATORS = "accu_grads."
+LAYOUT_PREFIXES = (ACCUMULATORS, *SAVED_STATES)
+"""Every parameter's strategy layout is repeated under these names, in this order. Only the
+Adam states are saved; gradient accumulators exist in the strategy alone."""
+
+
+@dataclass(frozen=True)
+class PlacedParam:
+    spec: ParamSpec
+    layout: Layout
+    """As the strategy file states it, optimizer sharding included."""
+    slice_shape: tuple[int, ...]
+
+    @property
+    def splits(self) -> tuple[int, ...]:
+        """Model-parallel parts per dim: the weight's entry in ``parallel_strategy_item``."""
+        g = grid(self.layout, len(self.spec.shape))
+        return (g.parts[0] // g.opt_chunks, *g.parts[1:])
+
+    def region(self, local_rank: int) -> tuple[slice, ...]:
+        """The part of the full tensor that ``local_rank`` holds."""
+        coords = block_coords(self.layout, len(self.spec.shape), local_rank)
+        return tuple(slice(c * d, (c + 1) * d) for c, d in zip(coords, self.slice_shape))
+
+
+def _replica_group(layout: Layout, ndim: int) -> tuple[int, ...]:
+    """The local ranks holding local rank 0's model-parallel block (every group looks alike)."""
+    return tuple(holders(layout, ndim)[block_coords(layout, ndim, 0)])
+
+
+def place(spec: ParamSpec, opt_shard: int) -> PlacedParam:
+    """Fix a parameter's layout. The optimizer shards a parameter over its replica group when
+    the group divides into ``opt_shard``-sized parts and dim 0 of its slice into as many chunks;
+    otherwise the parameter stays unsharded (step and size 0). The fixtures do not show what
+    MindSpore writes for such a parameter; any reader takes 0 as unsharded."""
+    ndim = len(spec.shape)
+    stored = list(spec.tensor_map)
+    while stored and not stored[-1]:  # as a reader keeps them: trailing empty entries dropped
+        stored.pop()
+    base = Layout(spec.dev_matrix, tuple(stored))
+    parts = grid(base, ndim).parts
+    if any(d % p for d, p in zip(spec.shape, parts)):
+        raise Ms2hfError(
+            f"parameter {spec.name!r} of shape {list(spec.shape)} cannot be split into "
+            f"{list(parts)} equal parts by its layout {list(spec.dev_matrix)} / "
+            f"{[list(e) for e in spec.tensor_map]}; choose sizes divisible by the parallel degrees"
+        )
+    layout = base
+    group = _replica_group(base, ndim)
+    chunks = opt_shard if opt_shard > 0 else len(group)
+    even = chunks > 1 and len(group) % chunks == 0 and (spec.shape[0] // parts[0]) % chunks == 0
+    if opt_shard and even:
+        step = (group[-1] - group[0]) // (len(group) - 1)
+        layout = replace(base, opt_shard_step=step, opt_shard_size=opt_shard)
+    slice_shape = tuple(d // p for d, p in zip(spec.shape, grid(layout, ndim).parts))
+    return PlacedParam(spec, layout, slice_shape)
+
+
+def savers(params: Sequence[PlacedParam], remove_redundancy: bool) -> dict[str, frozenset[int]]:
+    """The local ranks that save each key (parameters and Adam states) of one stage.
+
+    With redundancy removed MindSpore gives each replica group's keys to its members in turn:
+    the i-th key of a group, in name order over every strategy entry (``accu_grads.*`` included,
+    though never saved), goes to member ``i % len(group)``. That order is what reproduces the
+    genuine ``tiny_bf16_dedup`` fixture, in which a norm and its Adam states may land on
+    different ranks. A group here is the set of ranks physically holding one block.
+    """
+    by_key = {prefix + p.spec.name: p for p in params for prefix in ("", *LAYOUT_PREFIXES)}
+    turns: Counter[tuple[int, ...]] = Counter()
+    out: dict[str, frozenset[int]] = {}
+    for key in sorted(by_key):
+        p = by_key[key]
+        groups = [tuple(g) for g in holders(p.layout, len(p.spec.shape)).values()]
+        if remove_redundancy:
+            chosen = set()
+            for g in groups:
+                chosen.add(g[turns[g] % len(g)])
+                turns[g] += 1
+            out[key] = frozenset(chosen)
+        else:
+            out[key] = frozenset(r for g in groups for r in g)
+    return {k: v for k, v in out.items() if not k.startswith(ACCUMULATORS)}

@@ -1,0 +1,357 @@
+"""``inspect``: what a checkpoint folder holds and what ``convert`` would make of it.
+
+Before an hour-long conversion people want to know which step, how many ranks and stages, how
+each parameter is split and saved, what the model is and what the output will be. All of it
+comes from the same plans a conversion makes, from headers and strategy files alone, so inspect
+reads no tensor byte and its answer is exactly what a run would do.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ms2hf.errors import FormatError, ModelError
+from ms2hf.io.dtypes import itemsize
+from ms2hf.io.hf_output import HF_INDEX
+from ms2hf.io.safetensors_reader import SafetensorsHeader
+from ms2hf.io.tokenizer_files import find_tokenizer_files
+from ms2hf.io.unified_format import PARAM_NAME_MAP
+from ms2hf.pipeline.convert import ConvertOptions, gather_given, plan_hf_checkpoint
+from ms2hf.pipeline.jsonable import jsonable
+from ms2hf.pipeline.source_plan import SourceParam, SourcePlan, plan_source
+from ms2hf.pipeline.unified_plan import plan_unified
+from ms2hf.transforms.hf_config import ConfigValue
+
+TRAINING = "training output"
+UNIFIED = "unified checkpoint"
+HUGGING_FACE = "Hugging Face checkpoint"
+HF_CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class ParamReport:
+    """One parameter: its full shape and how the source files hold it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    stage: int
+    split: tuple[int, ...]
+    """Blocks along each dim by the tensor map (tensor or expert parallelism); 1 = whole."""
+    optimizer_chunks: int
+    """Further blocks of dim 0 by optimizer sharding (parallel optimizer); 1 = off."""
+    replicas: int
+    """Ranks whose slice each block is (data-parallel copies)."""
+    saved_copies: int
+    """Copies of each block present in the files: ``replicas`` if saved redundantly, else 1."""
+
+
+@dataclass(frozen=True)
+class TensorReport:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FileReport:
+    path: str
+    """Relative to the inspected folder."""
+    bytes: int
+    tensors: int
+    """Model-parameter tensors in the file (optimizer states and scalars not counted)."""
+    rank: int | None = None
+    stage: int | None = None
+
+
+@dataclass(frozen=True)
+class ByteCounts:
+    weights: int
+    """Every model parameter once."""
+    weights_saved: int
+    """Model parameters as saved, replicas included."""
+    optimizer: int
+    """Optimizer states (Adam moments); never read by a conversion."""
+    scalars: int
+    files: int
+    """Everything on disk: the sum of the files' sizes."""
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    model_type: str | None
+    config: dict[str, ConfigValue]
+    """config.json as a run would write it (or as found), every value with its origin."""
+    skipped: tuple[str, ...] = ()
+    """Source parameters deliberately left out of the Hugging Face model (MoE ``fi_accu``)."""
+    error: str | None = None
+    """Why the parameters were not recognised as a supported model, when they were not."""
+
+
+@dataclass(frozen=True)
+class OutputFileReport:
+    name: str
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class OutputReport:
+    """What ``convert`` (or ``reverse``) would write with the given options."""
+
+    dtype: str
+    files: tuple[OutputFileReport, ...]
+    tensors: int
+    bytes: int
+    parameters: int
+    also: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    path: Path
+    kind: str
+    step: str | None
+    ranks: int
+    stages: int
+    remove_redundancy: bool | None
+    files: tuple[FileReport, ...]
+    params: tuple[ParamReport, ...]
+    dtypes: dict[str, int]
+    """Bytes of model weights by dtype."""
+    bytes: ByteCounts
+    scalars: tuple[TensorReport, ...]
+    model: ModelReport
+    output: OutputReport | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable(self)
+
+
+def detect_kind(path: Path) -> str:
+    if (path / "checkpoint").is_dir():
+        return TRAINING
+    if path.is_dir() and (path / PARAM_NAME_MAP).is_file():
+        return UNIFIED
+    if path.is_dir() and ((path / HF_CONFIG).is_file() or (path / HF_INDEX).is_file()):
+        return HUGGING_FACE
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or not files[0].is_file() or files[0].suffix != ".safetensors":
+        raise FormatError(
+            f"{path}: not a training output (checkpoint/ and strategy/), a unified checkpoint "
+            f"({PARAM_NAME_MAP} and part files) or a Hugging Face folder (config.json and "
+            "*.safetensors)"
+        )
+    return HUGGING_FACE if SafetensorsHeader(files[0]).metadata.get("format") == "pt" else UNIFIED
+
+
+def inspect(path: str | os.PathLike[str], options: ConvertOptions | None = None) -> InspectReport:
+    """Describe the checkpoint at ``path``; ``options`` as ``convert`` would get them."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: does not exist")
+    options = options or ConvertOptions()
+    kind = detect_kind(path)
+    if kind == HUGGING_FACE:
+        return inspect_hf(path)
+    if kind == TRAINING:
+        source = plan_source(path / "checkpoint", path / "strategy", options.step)
+    else:
+        source = plan_unified(path)
+    return inspect_source(path, kind, source, options)
+
+
+def _param_report(
+    p: SourceParam, source: SourcePlan, stage_of: Mapping[int, int], ranks_per_stage: int
+) -> ParamReport:
+    grid = source.grids.get(p.name)
+    optimizer_chunks = grid.opt_chunks if grid else 1
+    split = tuple(grid.parts) if grid else (1,) * len(p.shape)
+    if split:
+        split = (split[0] // optimizer_chunks, *split[1:])
+    return ParamReport(
+        name=p.name,
+        shape=p.shape,
+        dtype=p.dtype,
+        nbytes=p.nbytes,
+        stage=stage_of[p.blocks[0].rank],
+        split=split,
+        optimizer_chunks=optimizer_chunks,
+        replicas=ranks_per_stage // len(p.blocks),
+        saved_copies=(len(p.blocks) + len(p.replicas)) // len(p.blocks),
+    )
+
+
+def _saved_bytes(p: SourceParam) -> int:
+    return sum(math.prod(b.shape) for b in (*p.blocks, *p.replicas)) * itemsize(p.dtype)
+
+
+def _file_reports(root: Path, source: SourcePlan) -> tuple[FileReport, ...]:
+    counts: dict[Path, int] = {}
+    for p in source.params.values():
+        for b in (*p.blocks, *p.replicas):
+            counts[b.path] = counts.get(b.path, 0) + 1
+    return tuple(
+        FileReport(
+            path=str(f.path.relative_to(root)) if f.path.is_relative_to(root) else str(f.path),
+            bytes=f.path.stat().st_size,
+            tensors=counts.get(f.path, 0),
+            rank=f.rank,
+            stage=f.stage,
+        )
+        for f in source.files
+    )
+
+
+def inspect_source(
+    path: Path, kind: str, source: SourcePlan, options: ConvertOptions
+) -> InspectReport:
+    """The report for anything described by a source plan: a training output or unified folder."""
+    stage_of = {f.rank: f.stage for f in source.files}
+    ranks_per_stage = len(source.files) // source.num_stages if kind == TRAINING else 1
+    model, output, order = _model_and_output(source, options)
+    params = tuple(
+        _param_report(source.params[name], source, stage_of, ranks_per_stage)
+        for name in sorted(source.params, key=order)
+    )
+    dtypes: dict[str, int] = {}
+    for p in params:
+        dtypes[p.dtype] = dtypes.get(p.dtype, 0) + p.nbytes
+    files = _file_reports(path, source)
+    return InspectReport(
+        path=path,
+        kind=kind,
+        step=source.step if kind == TRAINING else None,
+        ranks=len(source.files) if kind == TRAINING else 0,
+        stages=source.num_stages,
+        remove_redundancy=source.remove_redundancy if kind == TRAINING else None,
+        files=files,
+        params=params,
+        dtypes=dtypes,
+        bytes=ByteCounts(
+            weights=source.param_bytes,
+            weights_saved=sum(_saved_bytes(p) for p in source.params.values()),
+            optimizer=source.optimizer_bytes,
+            scalars=source.scalar_bytes,
+            files=sum(f.bytes for f in files),
+        ),
+        scalars=tuple(TensorReport(n, s.dtype, s.shape) for n, s in sorted(source.scalars.items())),
+        model=model,
+        output=output,
+    )
+
+
+def _natural(name: str) -> tuple[Any, ...]:
+    """Layer 10 after layer 9."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def _model_and_output(
+    source: SourcePlan, options: ConvertOptions
+) -> tuple[ModelReport, OutputReport | None, Callable[[str], Any]]:
+    """The model the parameters form, the files a run would write, and the order to list the
+    parameters in (the model's); a checkpoint that is no supported model is still described,
+    with the reason."""
+    try:
+        model, files = plan_hf_checkpoint(source, options, gather_given(options))
+    except ModelError as e:
+        return ModelReport(None, {}, error=str(e)), None, _natural
+    first_use: dict[str, int] = {}
+    for i, t in enumerate(model.outputs):
+        first_use.setdefault(t.source, i)
+    used = set(first_use)
+    report = ModelReport(
+        model.model_type,
+        dict(model.config),
+        skipped=tuple(sorted(set(source.params) - used)),
+    )
+    planned = [t for f in files for t in f.tensors]
+    output = OutputReport(
+        dtype=options.dtype,
+        files=tuple(OutputFileReport(f.name, len(f.tensors), f.nbytes) for f in files),
+        tensors=len(planned),
+        bytes=sum(f.nbytes for f in files),
+        parameters=sum(math.prod(t.tensor.shape) for t in planned),
+        also=(*_tokenizer_names(options), HF_CONFIG, HF_INDEX),
+    )
+    return report, output, lambda name: (first_use.get(name, len(first_use)), _natural(name))
+
+
+def _tokenizer_names(options: ConvertOptions) -> list[str]:
+    if options.tokenizer_dir is None:
+        return []
+    return [p.name for p in find_tokenizer_files(options.tokenizer_dir)]
+
+
+_SHARD_INDEX = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
+
+
+def _hf_files(path: Path) -> list[Path]:
+    index = path / HF_INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            return [path / name for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise FormatError(f"{index}: not a valid safetensors index: {e}") from e
+    files = sorted(p for p in path.glob("*.safetensors") if _SHARD_INDEX.match(p.name))
+    return files or sorted(path.glob("*.safetensors"))
+
+
+def _hf_config(path: Path) -> dict[str, ConfigValue]:
+    config_path = path / HF_CONFIG
+    if not config_path.is_file():
+        return {}
+    try:
+        doc = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{config_path}: not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise FormatError(f"{config_path}: expected a JSON object")
+    return {k: ConfigValue(v, HF_CONFIG) for k, v in sorted(doc.items())}
+
+
+def inspect_hf(path: Path) -> InspectReport:
+    """A Hugging Face folder: its shards' tensors and its config.json."""
+    headers = [SafetensorsHeader(p) for p in _hf_files(path)]
+    params = tuple(
+        ParamReport(t.name, t.shape, t.dtype, t.nbytes, 0, (1,) * len(t.shape), 1, 1, 1)
+        for h in headers
+        for t in sorted(h.tensors.values(), key=lambda t: _natural(t.name))
+    )
+    dtypes: dict[str, int] = {}
+    for p in params:
+        dtypes[p.dtype] = dtypes.get(p.dtype, 0) + p.nbytes
+    files = tuple(
+        FileReport(h.path.name, h.path.stat().st_size, len(h.tensors)) for h in headers
+    )
+    config = _hf_config(path)
+    model_type = config.get("model_type")
+    weights = sum(p.nbytes for p in params)
+    return InspectReport(
+        path=path,
+        kind=HUGGING_FACE,
+        step=None,
+        ranks=0,
+        stages=1,
+        remove_redundancy=None,
+        files=files,
+        params=params,
+        dtypes=dtypes,
+        bytes=ByteCounts(weights, weights, 0, 0, sum(f.bytes for f in files)),
+        scalars=(),
+        model=ModelReport(
+            str(model_type.value) if model_type else None,
+            config,
+            error=None if config else f"{path / HF_CONFIG}: missing",
+        ),
+        output=None,
+    )

@@ -1,0 +1,227 @@
+"""``merge``: a training output -> the unified folder MindSpore's ``unified_safetensors`` writes.
+
+Each model parameter is written whole, in its training dtype, into ``part{i}.safetensors``;
+training scalars go to ``hyper_param.safetensors``; optimizer states are never read. A merged
+parameter is an identity ``OutputTensor`` over the same source plan ``convert`` uses, so the
+same executor streams it under the same memory budget, and de-duplicated saves are placed by the
+same rule (where the old merge fills o_proj and down_proj from the wrong rank).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ms2hf.errors import ModelError
+from ms2hf.io.hf_output import write_json
+from ms2hf.io.mapped import MappedFiles
+from ms2hf.io.train_yaml import read_train_config
+from ms2hf.io.unified_format import (
+    HYPER_PARAM,
+    METADATA,
+    PARAM_NAME_MAP,
+    param_name_map_document,
+    part_name,
+    unified_dir,
+)
+from ms2hf.pipeline.budget import MemoryBudget, format_size
+from ms2hf.pipeline.convert import default_workers
+from ms2hf.pipeline.execute import PlannedFile, PlannedTensor, SmallFile, write_files
+from ms2hf.pipeline.finite import FiniteCheck
+from ms2hf.pipeline.output_dir import RUN_RECORD, prepare_output_dir
+from ms2hf.pipeline.progress import Progress
+from ms2hf.pipeline.source_plan import SourceParam, SourcePlan, plan_source
+from ms2hf.transforms import rules
+from ms2hf.transforms.models import hf_model
+
+log = logging.getLogger("ms2hf")
+
+PART_SIZE = 3 * 2**30
+"""MindSpore splits a unified checkpoint into ceil(total / 3 GiB) parts."""
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    step: str | None = None
+    part_size: int = PART_SIZE
+    exclude_prefix: str | None = None
+    """Parameters whose names start with this are left out (``--filter_out_param_prefix``)."""
+    has_redundancy: bool | None = None
+    """The user's claim about the save (``--has_redundancy``); checked against the files."""
+    config: Path | None = None
+    memory_budget: int | None = None
+    workers: int | None = None
+    overwrite: bool = False
+    strict: bool = False
+    """Non-finite weights are an error rather than a warning."""
+    progress: bool = True
+
+
+@dataclass
+class MergeReport:
+    output_dir: Path
+    parts: list[str]
+    parameters: int
+    scalars: int
+    excluded: list[str]
+    bytes_written: int
+    bytes_read: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.parameters} parameters ({format_size(self.bytes_written)}) in "
+            f"{len(self.parts)} part(s) and {self.scalars} training scalars to {self.output_dir} "
+            f"in {self.seconds:.1f} s; read {format_size(self.bytes_read)}"
+        )
+
+
+def assign_parts(sizes: Mapping[str, int], part_size: int) -> list[list[str]]:
+    """MindSpore's split, made deterministic: ceil(total / part_size) parts (no more than there
+    are tensors), largest tensor first into the lightest part, ties broken by name and index."""
+    count = max(1, min(len(sizes), -(-sum(sizes.values()) // part_size)))
+    parts: list[list[str]] = [[] for _ in range(count)]
+    loads = [(0, i) for i in range(count)]
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        load, i = heapq.heappop(loads)
+        parts[i].append(name)
+        heapq.heappush(loads, (load + sizes[name], i))
+    return [sorted(p) for p in parts]
+
+
+def redundancy_disagreement(source: SourcePlan, has_redundancy: bool | None) -> str | None:
+    """A message when ``--has_redundancy`` contradicts the files' own ``remove_redundancy``."""
+    if has_redundancy is None or not all("remove_redundancy" in f.metadata for f in source.files):
+        return None
+    if has_redundancy != source.remove_redundancy:
+        return None
+    saved = "de-duplicated" if source.remove_redundancy else "saved with redundancy"
+    return (
+        f"--has_redundancy {has_redundancy} disagrees with the rank files, which say "
+        f"remove_redundancy={source.remove_redundancy} ({saved}); the files are followed: every "
+        "block is placed from the rank that holds it and full coverage is checked"
+    )
+
+
+def _identity(params: Mapping[str, SourceParam]) -> tuple[PlannedTensor, ...]:
+    return tuple(
+        PlannedTensor(rules.copy(name, name, p.shape), p.dtype)
+        for name, p in sorted(params.items())
+    )
+
+
+def _check_config(source: SourcePlan, config: Path) -> None:
+    """With a training yaml, prove the weights are the model it describes before merging."""
+    shapes = {name: p.shape for name, p in source.params.items()}
+    hf_model(shapes, read_train_config(config), "F32")
+    log.info(
+        "checked %s against the weights; the merged parameters keep the trained fused layout, so "
+        "pass the same --config to reverse",
+        config,
+    )
+
+
+def _kept(source: SourcePlan, prefix: str | None) -> tuple[dict[str, SourceParam], list[str]]:
+    """The parameters to merge, and the names ``--filter_out_param_prefix`` leaves out."""
+    excluded = sorted(n for n in source.params if prefix and n.startswith(prefix))
+    if prefix and not excluded:
+        log.info(
+            "note: --filter_out_param_prefix %r matches no model parameter; optimizer states are "
+            "never written by ms2hf merge",
+            prefix,
+        )
+    params = {n: p for n, p in source.params.items() if n not in excluded}
+    if not params:
+        raise ModelError(
+            "no model parameter to merge"
+            + (f" after --filter_out_param_prefix {prefix!r}" if excluded else "")
+        )
+    return params, excluded
+
+
+def plan_unified_files(
+    params: Mapping[str, SourceParam], scalars: Mapping[str, SourceParam], part_size: int
+) -> tuple[list[PlannedFile], dict[str, str]]:
+    """The part files and ``hyper_param.safetensors``, and the weight map of the parts."""
+    groups = assign_parts({n: p.nbytes for n, p in params.items()}, part_size)
+    files = [
+        PlannedFile(part_name(i), _identity({n: params[n] for n in names}))
+        for i, names in enumerate(groups)
+    ]
+    if scalars:
+        files.append(PlannedFile(HYPER_PARAM, _identity(scalars)))
+    weight_map = {name: part_name(i) for i, names in enumerate(groups) for name in names}
+    return files, dict(sorted(weight_map.items()))
+
+
+def merge(
+    checkpoint_dir: str | os.PathLike[str],
+    strategy_path: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    options: MergeOptions | None = None,
+) -> MergeReport:
+    """Merge the rank files of one step into ``{output_dir}/{step}_ckpt_convert/unified_safe``."""
+    options = options or MergeOptions()
+    started = time.perf_counter()
+    source = plan_source(checkpoint_dir, strategy_path, options.step)
+    warning = redundancy_disagreement(source, options.has_redundancy)
+    if warning:
+        log.warning("warning: %s", warning)
+    if options.config is not None:
+        _check_config(source, options.config)
+    params, excluded = _kept(source, options.exclude_prefix)
+    files, weight_map = plan_unified_files(params, source.scalars, options.part_size)
+    parts = [f.name for f in files if f.name != HYPER_PARAM]
+    param_bytes = sum(p.nbytes for p in params.values())
+    document = param_name_map_document(weight_map, param_bytes)
+
+    out = unified_dir(Path(output_dir), source.step)
+    prepare_output_dir(out, options.overwrite)
+    budget = MemoryBudget.resolve(options.memory_budget, options.workers or default_workers())
+    total = sum(f.nbytes for f in files)
+    log.info(
+        "step %s: %d parameters (%s) into %d part(s), %d training scalars; %s of optimizer state "
+        "not read; budget %s, %d worker(s)",
+        source.step,
+        len(params),
+        format_size(param_bytes),
+        len(parts),
+        len(source.scalars),
+        format_size(source.optimizer_bytes),
+        format_size(budget.total),
+        budget.workers,
+    )
+    then = [SmallFile(PARAM_NAME_MAP, lambda path: write_json(path, document))]
+    with MappedFiles() as mapped, Progress(total, "merge", options.progress) as progress:
+        write_files(
+            out,
+            files,
+            {**params, **source.scalars},
+            METADATA,
+            budget,
+            progress,
+            mapped,
+            FiniteCheck(options.strict),
+            then=then,
+            overwrite=options.overwrite,
+        )
+        bytes_read = mapped.bytes_viewed
+    written = {f.name for f in files} | {PARAM_NAME_MAP, RUN_RECORD}
+    others = sorted(p.name for p in out.iterdir() if p.name not in written)
+    if others:
+        log.info("left untouched in %s: %s", out, ", ".join(others))
+    return MergeReport(
+        output_dir=out,
+        parts=parts,
+        parameters=len(params),
+        scalars=len(source.scalars),
+        excluded=excluded,
+        bytes_written=total,
+        bytes_read=bytes_read,
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,275 @@
+"""``verify``: is a Hugging Face folder whole and consistent, and does it hold a training output's
+weights?
+
+The checks, cheapest first: every header strictly parsed; the index names every tensor once,
+every file it names exists and ``total_size`` adds up; the shapes are those ``config.json``
+describes; shards an ms2hf run recorded still have the digest it wrote; and, given the training
+output, every tensor is recomputed from the source through the same plan ``convert`` uses and
+compared byte for byte. Bytes are streamed in bands through memory maps, never loaded whole.
+Problems are collected rather than raised, so one run lists everything wrong with a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ms2hf.errors import FormatError, Ms2hfError
+from ms2hf.io.dtypes import to_numpy
+from ms2hf.io.hf_output import HF_INDEX
+from ms2hf.io.mapped import MappedFiles
+from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
+from ms2hf.io.shard_digest import file_digest
+from ms2hf.io.train_yaml import read_train_config
+from ms2hf.pipeline.assemble import fill_rows, row_bands
+from ms2hf.pipeline.budget import MemoryBudget, format_size
+from ms2hf.pipeline.compare import first_difference
+from ms2hf.pipeline.convert import default_workers
+from ms2hf.pipeline.output_dir import RUN_RECORD, read_run_record
+from ms2hf.pipeline.source_plan import SourceParam, plan_source
+from ms2hf.transforms.casts import TARGETS, output_dtype
+from ms2hf.transforms.hf_shapes import expected_tensors
+from ms2hf.transforms.models import hf_model
+from ms2hf.transforms.rules import OutputTensor
+
+SINGLE_FILE = "model.safetensors"
+SHOWN_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    step: str | None = None
+    config: Path | None = None
+    """The training yaml, for the fused-weight layout flags the source was trained with."""
+    memory_budget: int | None = None
+    workers: int | None = None
+
+
+@dataclass
+class VerifyReport:
+    folder: Path
+    files: int = 0
+    tensors: int = 0
+    nbytes: int = 0
+    checked: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        what = f"{self.files} file(s), {self.tensors} tensors, {format_size(self.nbytes)}"
+        if self.ok:
+            return f"{self.folder}: OK ({what}); checked {', '.join(self.checked)}"
+        lines = [f"{self.folder}: {len(self.problems)} problem(s) ({what}):"]
+        lines += [f"  - {p}" for p in self.problems[:SHOWN_PROBLEMS]]
+        if len(self.problems) > SHOWN_PROBLEMS:
+            lines.append(f"  ... and {len(self.problems) - SHOWN_PROBLEMS} more")
+        return "\n".join(lines)
+
+
+def _read_index(folder: Path, report: VerifyReport) -> tuple[dict[str, str] | None, Any]:
+    """The weight map (None for a lone ``model.safetensors``) and the declared total size."""
+    path = folder / HF_INDEX
+    if not path.exists():
+        if not (folder / SINGLE_FILE).is_file():
+            report.problems.append(f"neither {HF_INDEX} nor {SINGLE_FILE}")
+            return {}, None
+        return None, None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        report.problems.append(f"{HF_INDEX}: not readable JSON ({e})")
+        return {}, None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and "/" not in v for k, v in weight_map.items()
+    ):
+        report.problems.append(f"{HF_INDEX}: no 'weight_map' of tensor names to file names")
+        return {}, None
+    metadata = doc.get("metadata")
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if total is None:
+        report.problems.append(f"{HF_INDEX}: no metadata.total_size (transformers needs it)")
+    return weight_map, total
+
+
+def _read_headers(
+    folder: Path, files: list[str], report: VerifyReport
+) -> dict[str, dict[str, TensorInfo]]:
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    for name in files:
+        try:
+            header = SafetensorsHeader(folder / name)
+        except FormatError as e:
+            report.problems.append(
+                f"{name}: named by the index but missing" if not (folder / name).exists() else str(e)
+            )
+            continue
+        if header.metadata.get("format") != "pt":
+            report.problems.append(
+                f"{name}: metadata format is {header.metadata.get('format')!r}, loaders expect 'pt'"
+            )
+        headers[name] = header.tensors
+    for name in sorted(p.name for p in folder.glob("*.safetensors") if p.name not in files):
+        report.problems.append(f"{name}: a shard the index does not name (left from another run?)")
+    return headers
+
+
+def _check_index(
+    weight_map: Mapping[str, str],
+    total: Any,
+    headers: Mapping[str, Mapping[str, TensorInfo]],
+    report: VerifyReport,
+) -> dict[str, tuple[str, TensorInfo]]:
+    """Every tensor once, where the index says; the tensors found, by name."""
+    found: dict[str, tuple[str, TensorInfo]] = {}
+    for file, tensors in headers.items():
+        for name, info in tensors.items():
+            if name in found:
+                report.problems.append(f"{name}: in both {found[name][0]} and {file}")
+            elif weight_map.get(name) != file:
+                report.problems.append(
+                    f"{file}: holds {name}, which the index "
+                    + (f"places in {weight_map[name]}" if name in weight_map else "does not list")
+                )
+            found[name] = (file, info)
+    for name, file in weight_map.items():
+        if file in headers and name not in headers[file]:
+            report.problems.append(f"{HF_INDEX}: places {name} in {file}, which does not hold it")
+    nbytes = sum(info.nbytes for _, info in found.values())
+    if total is not None and total != nbytes:
+        report.problems.append(f"{HF_INDEX}: total_size is {total}, the tensors hold {nbytes} bytes")
+    report.files, report.tensors, report.nbytes = len(headers), len(found), nbytes
+    report.checked.append("headers and index")
+    return found
+
+
+def _check_shapes(folder: Path, found: Mapping[str, tuple[str, TensorInfo]], report: VerifyReport) -> None:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise FormatError("config.json: not a JSON object")
+        expected = expected_tensors(config)
+    except (OSError, ValueError, Ms2hfError) as e:
+        report.problems.append(f"config.json: cannot check shapes against it ({e})")
+        return
+    for name, shape in expected.required.items():
+        if name not in found:
+            report.problems.append(f"{name}: config.json implies it, the folder lacks it")
+    for name, (file, info) in found.items():
+        want = expected.required.get(name) or expected.optional.get(name)
+        if want is None:
+            report.problems.append(f"{file}: {name} is not a tensor of this {config['model_type']}")
+        elif info.shape != want:
+            report.problems.append(
+                f"{file}: {name} has shape {list(info.shape)}, config.json implies {list(want)}"
+            )
+    report.checked.append(f"shapes against config.json ({config['model_type']})")
+
+
+def _check_record(folder: Path, headers: Mapping[str, object], report: VerifyReport) -> None:
+    """Shards a recorded ms2hf run finished must still be the bytes it wrote."""
+    record = read_run_record(folder)
+    if record is None:
+        return
+    if not record:
+        report.problems.append(f"{RUN_RECORD}: unreadable")
+        return
+    for name in sorted(set(record["shards"]) - set(record["finished"])):
+        report.problems.append(f"{name}: the ms2hf run writing this folder never finished it")
+    for name, digest in sorted(record["finished"].items()):
+        if name in headers and file_digest(folder / name) != digest:
+            report.problems.append(f"{name}: bytes differ from what ms2hf wrote ({RUN_RECORD})")
+    report.checked.append(f"digests in {RUN_RECORD}")
+
+
+def _compare_tensor(
+    folder: Path,
+    file: str,
+    info: TensorInfo,
+    tensor: OutputTensor,
+    param: SourceParam,
+    mapped: MappedFiles,
+    buffer: np.ndarray,
+) -> str | None:
+    """Recompute ``tensor`` from the source into bands of ``info``'s dtype and compare."""
+    if info.shape != tensor.shape:
+        return f"{file}: {tensor.name} has shape {list(info.shape)}, the source gives {list(tensor.shape)}"
+    if info.dtype not in {output_dtype(param.dtype, t) for t in TARGETS}:
+        return f"{file}: {tensor.name} is {info.dtype}, which no conversion of {param.dtype} gives"
+    dtype = to_numpy(info.dtype)
+    row_bytes = tensor.row_elements * dtype.itemsize
+    if row_bytes > len(buffer):  # a single row larger than the band
+        buffer = np.empty(row_bytes, np.uint8)
+    for r0, r1 in row_bands(tensor.rows, row_bytes, len(buffer)):
+        nbytes = (r1 - r0) * row_bytes
+        band = buffer[:nbytes].view(dtype).reshape(r1 - r0, tensor.row_elements)
+        fill_rows(band, tensor, r0, param, mapped)
+        written = mapped.view(folder / file, info.start + r0 * row_bytes, np.dtype(np.uint8), (nbytes,))
+        at = first_difference(buffer[:nbytes], written)
+        if at is not None:
+            row = r0 + at // row_bytes
+            return f"{file}: {tensor.name} differs from the source (first at row {row})"
+    return None
+
+
+def _check_against(
+    folder: Path,
+    found: Mapping[str, tuple[str, TensorInfo]],
+    training_output: Path,
+    options: VerifyOptions,
+    report: VerifyReport,
+) -> None:
+    source = plan_source(training_output / "checkpoint", training_output / "strategy", options.step)
+    given = read_train_config(options.config) if options.config else {}
+    shapes = {name: p.shape for name, p in source.params.items()}
+    outputs = hf_model(shapes, given, "F32").outputs
+    budget = MemoryBudget.resolve(options.memory_budget, options.workers or default_workers())
+    buffers = threading.local()
+
+    def check(tensor: OutputTensor) -> str | None:
+        if tensor.name not in found:
+            return f"{tensor.name}: the source gives it, the folder lacks it"
+        if not hasattr(buffers, "band"):
+            buffers.band = np.empty(budget.band_bytes, np.uint8)
+        file, info = found[tensor.name]
+        param = source.params[tensor.source]
+        return _compare_tensor(folder, file, info, tensor, param, mapped, buffers.band)
+
+    with MappedFiles() as mapped, ThreadPoolExecutor(budget.workers) as pool:
+        report.problems += [p for p in pool.map(check, outputs) if p is not None]
+    produced = {t.name for t in outputs}
+    for name in sorted(set(found) - produced):
+        report.problems.append(f"{found[name][0]}: {name} does not come from {training_output}")
+    report.checked.append(f"bytes against {training_output} (step {source.step})")
+
+
+def verify(
+    hf_dir: str | Path, against: str | Path | None = None, options: VerifyOptions | None = None
+) -> VerifyReport:
+    """Check a Hugging Face folder; with ``against``, also recompute every tensor from it."""
+    options = options or VerifyOptions()
+    folder = Path(hf_dir)
+    if not folder.is_dir():
+        raise FormatError(f"{folder}: not a folder")
+    report = VerifyReport(folder)
+    weight_map, total = _read_index(folder, report)
+    files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+    headers = _read_headers(folder, files, report)
+    if weight_map is None:
+        weight_map = {name: SINGLE_FILE for name in headers.get(SINGLE_FILE, {})}
+    found = _check_index(weight_map, total, headers, report)
+    _check_shapes(folder, found, report)
+    _check_record(folder, headers, report)
+    if against is not None:
+        _check_against(folder, found, Path(against), options, report)
+    return report

@@ -1,0 +1,144 @@
+"""Reports as text for people: short enough to read for a 1000-rank, 36,000-tensor checkpoint.
+
+Per-layer parameters laid out alike are folded into one line (``decoder.layers.*.``), and long
+file lists are summarised; ``--json`` gives everything unfolded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+from ms2hf.pipeline.budget import format_size
+from ms2hf.pipeline.config_sources import origin_lines
+from ms2hf.pipeline.inspect import TRAINING, InspectReport, ParamReport
+
+_LAYER = re.compile(r"\.layers\.\d+\.")
+LISTED_FILES = 16
+
+
+def _fold(name: str) -> str:
+    return _LAYER.sub(".layers.*.", name)
+
+
+def _folded(names: Iterable[str]) -> list[str]:
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[_fold(name)] = counts.get(_fold(name), 0) + 1
+    return [f"{name} (x{n})" if n > 1 else name for name, n in counts.items()]
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) if shape else "scalar"
+
+
+def _split(p: ParamReport) -> str:
+    parts = [f"dim{i}/{n}" for i, n in enumerate(p.split) if n > 1]
+    if p.optimizer_chunks > 1:
+        parts.append(f"opt/{p.optimizer_chunks}")
+    return " ".join(parts) or "whole"
+
+
+def _span(values: Iterable[int]) -> str:
+    v = sorted(set(values))
+    return str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def param_lines(report: InspectReport) -> list[str]:
+    """Shape and dtype, and for a training output the stage, how each block is cut, how many
+    ranks hold it (replicas) and how many copies were saved."""
+    training = report.kind == TRAINING
+    groups: dict[tuple[str, ...], list[ParamReport]] = {}
+    for p in report.params:
+        key = (_fold(p.name), _shape(p.shape), p.dtype)
+        if training:
+            key += (_split(p), str(p.replicas), str(p.saved_copies))
+        groups.setdefault(key, []).append(p)
+    header = ["parameter", "shape", "dtype"]
+    rows = [header + ["stage", "split", "replicas", "saved"] if training else header]
+    for (name, *rest), members in groups.items():
+        label = f"{name} (x{len(members)})" if len(members) > 1 else name
+        if training:
+            rest.insert(2, _span(p.stage for p in members))
+        rows.append([label, *rest])
+    return [f"parameters: {len(report.params)}", *_table(rows)]
+
+
+def file_lines(report: InspectReport) -> list[str]:
+    files = report.files
+    head = f"files: {len(files)}, {format_size(sum(f.bytes for f in files))}"
+    if len(files) > LISTED_FILES:
+        sizes = [f.bytes for f in files]
+        return [f"{head} ({format_size(min(sizes))} to {format_size(max(sizes))} each)"]
+    training = report.kind == TRAINING
+    rows = [["file", *(["rank", "stage"] if training else []), "size", "tensors"]]
+    for f in files:
+        where = [str(f.rank), str(f.stage)] if training else []
+        rows.append([f.path, *where, format_size(f.bytes), str(f.tensors)])
+    return [head, *_table(rows)]
+
+
+def summary_lines(report: InspectReport) -> list[str]:
+    b = report.bytes
+    lines = [f"{report.path}: {report.kind}"]
+    if report.kind == TRAINING:
+        saved = "each block saved once" if report.remove_redundancy else "every replica saved"
+        lines.append(
+            f"step {report.step}: {report.ranks} ranks, {report.stages} pipeline stage(s) of "
+            f"{report.ranks // report.stages}; {saved}"
+        )
+    counts = [f"model weights {format_size(b.weights)}"]
+    if b.weights_saved != b.weights:
+        counts[0] += f" ({format_size(b.weights_saved)} as saved, with replicas)"
+    if b.optimizer:
+        counts.append(f"optimizer states {format_size(b.optimizer)} (never read)")
+    if b.scalars:
+        counts.append(f"scalars {format_size(b.scalars)}")
+    lines.append("bytes: " + ", ".join(counts))
+    lines.append(
+        "weights by dtype: "
+        + ", ".join(f"{d} {format_size(n)}" for d, n in sorted(report.dtypes.items()))
+    )
+    if report.scalars:
+        lines.append(
+            "scalars: " + ", ".join(f"{s.name} {s.dtype} {_shape(s.shape)}" for s in report.scalars)
+        )
+    return lines
+
+
+def model_lines(report: InspectReport) -> list[str]:
+    m = report.model
+    if m.model_type is None:
+        return [f"model: not recognised: {m.error}"]
+    lines = [f"model: {m.model_type}; config.json values by where they come from:"]
+    lines += origin_lines(m.config)
+    if m.skipped:
+        lines.append(f"skipped, not weights: {', '.join(_folded(m.skipped))}")
+    return lines
+
+
+def output_lines(report: InspectReport) -> list[str]:
+    out = report.output
+    if out is None:
+        return []
+    lines = [
+        f"convert would write ({out.dtype}): {out.tensors} tensors, {out.parameters:,} "
+        f"parameters, {format_size(out.bytes)} in {len(out.files)} file(s), then "
+        + ", ".join(out.also)
+    ]
+    rows = [["file", "tensors", "size"]]
+    rows += [[f.name, str(f.tensors), format_size(f.bytes)] for f in out.files[:LISTED_FILES]]
+    lines += _table(rows)
+    if len(out.files) > LISTED_FILES:
+        lines.append(f"  ... and {len(out.files) - LISTED_FILES} more")
+    return lines
+
+
+def inspect_text(report: InspectReport) -> str:
+    sections = [summary_lines, file_lines, param_lines, model_lines, output_lines]
+    return "\n".join(line for section in sections for line in section(report))

@@ -1,0 +1,35 @@
+"""``ms2hf demo`` runs end to end and its check catches a wrong byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ms2hf.cli import main
+from ms2hf.demo import mismatches
+from ms2hf.io.safetensors_reader import SafetensorsHeader
+
+
+def test_demo_converts_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", str(tmp_path), "-q"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("demo: ") and line.endswith("tensors match the expected bytes"), line
+    assert (tmp_path / "training_output" / "strategy" / "ckpt_strategy_rank_7.ckpt").is_file()
+    # A second run replaces its own files instead of refusing the folder.
+    assert main(["demo", str(tmp_path), "-q", "--dtype", "fp16"]) == 0
+
+
+def test_mismatch_names_the_tensor(tmp_path: Path) -> None:
+    assert main(["demo", str(tmp_path), "-q"]) == 0
+    hf, expected = (
+        tmp_path / "hf",
+        tmp_path / "training_output" / "expected" / "hf_model.safetensors",
+    )
+    (shard,) = hf.glob("*.safetensors")
+    info = SafetensorsHeader(shard).tensors["model.layers.1.mlp.down_proj.weight"]
+    data = bytearray(shard.read_bytes())
+    data[info.start + 5] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert mismatches(hf, expected, "bf16") == ["model.layers.1.mlp.down_proj.weight"]
+    assert len(mismatches(hf, expected, "fp32")) == len(SafetensorsHeader(expected).tensors)

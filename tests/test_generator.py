@@ -1,0 +1,159 @@
+"""The checkpoint generator writes what MindSpore writes: checked against the genuine fixtures'
+structure (rank files, keys, shapes, dtypes, metadata, strategy bytes), and its own promises."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ms2hf.demo import mismatches
+from ms2hf.errors import Ms2hfError
+from ms2hf.generator import GeneratorConfig, generate
+from ms2hf.io.safetensors_reader import SafetensorsHeader
+from ms2hf.io.strategy import load_strategy
+from ms2hf.io.train_yaml import read_train_config
+from ms2hf.pipeline.convert import ConvertOptions, convert
+from tests.conftest import DATA, DENSE_FIXTURES
+
+
+def config_of(fixture: Path) -> GeneratorConfig:
+    """The generator settings of a fixture, from its manifest alone."""
+    m = json.loads((fixture / "manifest.json").read_text())
+    model, parallel = m["model_config"], m["auto_parallel_context"]
+    return GeneratorConfig(
+        layers=model["num_hidden_layers"],
+        hidden=model["hidden_size"],
+        heads=model["num_attention_heads"],
+        groups=model["num_key_value_heads"],
+        head_dim=model["head_dim"],
+        ffn=model["intermediate_size"],
+        vocab=model["vocab_size"],
+        tied=m["tie_word_embeddings"],
+        dtype=m["dtype"],
+        tp=m["tp"],
+        dp=m["dp"],
+        pp=m["pp"],
+        opt_shard=parallel["optimizer_weight_shard_size"]
+        if parallel["enable_parallel_optimizer"]
+        else 0,
+        remove_redundancy=m["remove_redundancy"],
+        prefix=m["prefix"],
+        step=int(m["file_suffix"].split("_")[0]),
+    )
+
+
+def rank_file(checkpoint: Path, rank: int) -> Path:
+    (path,) = (checkpoint / f"rank_{rank}").glob("*.safetensors")
+    return path
+
+
+@pytest.mark.parametrize("name", DENSE_FIXTURES)
+def test_rank_files_match_the_fixture_structure(name: str, tmp_path: Path) -> None:
+    fixture = DATA / name
+    generated = generate(config_of(fixture), tmp_path)
+    ranks = sorted(p.name for p in (fixture / "checkpoint").iterdir())
+    assert sorted(p.name for p in generated.checkpoint_dir.iterdir()) == ranks
+    for rank in range(len(ranks)):
+        want = SafetensorsHeader(rank_file(fixture / "checkpoint", rank))
+        got = SafetensorsHeader(rank_file(generated.checkpoint_dir, rank))
+        assert got.path.name == want.path.name
+        assert got.metadata == want.metadata
+        # Same keys in the same file order (de-duplicated saves: the same rank saves each key).
+        assert [(t.name, t.dtype, t.shape) for t in got.tensors.values()] == [
+            (t.name, t.dtype, t.shape) for t in want.tensors.values()
+        ], f"rank {rank}"
+
+
+@pytest.mark.parametrize("name", DENSE_FIXTURES)
+def test_strategy_files_match_the_fixture(name: str, tmp_path: Path) -> None:
+    fixture = DATA / name
+    generated = generate(config_of(fixture), tmp_path)
+    want, got = load_strategy(fixture / "strategy"), load_strategy(generated.strategy_dir)
+    assert got.rank_stage == want.rank_stage
+    assert got.layouts == want.layouts  # dev matrix, tensor map, optimizer step and size, stage
+    for path in sorted((fixture / "strategy").iterdir()):
+        # Node names, strategies, accu_grads/adam entries and field order too: byte for byte.
+        assert (generated.strategy_dir / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_expected_tensors_do_not_depend_on_the_parallel_layout(tmp_path: Path) -> None:
+    model = GeneratorConfig(
+        layers=2, hidden=32, heads=4, groups=2, head_dim=8, ffn=24, vocab=64, seed=7
+    )
+    single = generate(model, tmp_path / "single")
+    split = generate(
+        replace(model, tp=2, dp=2, pp=2, opt_shard=-1, remove_redundancy=True), tmp_path / "split"
+    )
+    assert split.expected.read_bytes() == single.expected.read_bytes()
+    other_seed = generate(replace(model, seed=8), tmp_path / "other")
+    assert other_seed.expected.read_bytes() != single.expected.read_bytes()
+
+
+def test_generation_is_deterministic(tmp_path: Path) -> None:
+    config = GeneratorConfig(
+        layers=2, hidden=32, heads=2, groups=1, head_dim=8, ffn=16, vocab=32, tp=2, dtype="bf16"
+    )
+    first, second = generate(config, tmp_path / "a"), generate(config, tmp_path / "b")
+    for a, b in zip(first.rank_files, second.rank_files):
+        assert a.read_bytes() == b.read_bytes()
+
+
+def test_tied_model_has_no_output_layer_and_embedding_on_stage_zero_only(tmp_path: Path) -> None:
+    generated = generate(GeneratorConfig(tied=True, tp=2, pp=2), tmp_path)
+    keys = [set(SafetensorsHeader(p).tensors) for p in generated.rank_files]
+    assert all("output_layer.weight" not in k for k in keys)
+    assert ["embedding.word_embeddings.weight" in k for k in keys] == [True, True, False, False]
+    expected = SafetensorsHeader(generated.expected).tensors
+    assert "lm_head.weight" in expected
+    out = tmp_path / "hf"
+    convert(
+        generated.root,
+        out,
+        ConvertOptions(dtype="source", progress=False, config=generated.train_yaml),
+    )
+    assert mismatches(out, generated.expected, "source") == []
+
+
+def test_train_yaml_carries_the_sizes_and_layout_flags(tmp_path: Path) -> None:
+    config = GeneratorConfig(contiguous_qkv=True, interleaved_fc1=False, heads=6, groups=3)
+    given = read_train_config(generate(config, tmp_path).train_yaml)
+    assert given["use_contiguous_weight_layout_attention"][0] is True
+    assert given["use_interleaved_weight_layout_mlp"][0] is False
+    assert given["num_attention_heads"][0] == 6 and given["num_key_value_heads"][0] == 3
+
+
+def test_layout_flags_change_the_rank_files_but_not_the_expected_tensors(tmp_path: Path) -> None:
+    default = generate(GeneratorConfig(), tmp_path / "default")
+    flagged = generate(
+        GeneratorConfig(contiguous_qkv=True, interleaved_fc1=False), tmp_path / "flagged"
+    )
+    assert flagged.expected.read_bytes() == default.expected.read_bytes()
+    assert flagged.rank_files[0].read_bytes() != default.rank_files[0].read_bytes()
+    # Without the yaml a converter assumes the default layout and gets q/k/v and gate/up wrong.
+    out = tmp_path / "hf"
+    convert(flagged.root, out, ConvertOptions(dtype="fp32", progress=False))
+    wrong = mismatches(out, flagged.expected, "fp32")
+    assert "model.layers.0.self_attn.q_proj.weight" in wrong
+    assert "model.layers.0.mlp.gate_proj.weight" in wrong
+    assert "model.layers.0.self_attn.o_proj.weight" not in wrong
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"layers": 3, "pp": 2}, "layers = 3"),
+        ({"heads": 3, "groups": 2}, "heads = 3"),
+        ({"dtype": "fp16"}, "dtype = 'fp16'"),
+        ({"opt_shard": -2}, "opt_shard = -2"),
+        ({"vocab": 511, "tp": 2}, "'embedding.word_embeddings.weight' of shape [511, 128]"),
+    ],
+)
+def test_impossible_settings_are_refused_by_name(
+    settings: dict, named: str, tmp_path: Path
+) -> None:
+    with pytest.raises(Ms2hfError, match=re.escape(named)):
+        generate(GeneratorConfig(**settings), tmp_path)

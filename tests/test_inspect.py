@@ -1,0 +1,171 @@
+"""``inspect``: what it says about the genuine fixtures agrees with how they were made (their
+manifests), with the files themselves, and with what ``convert`` then writes; and it reads no
+tensor byte to say it."""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from ms2hf import cli
+from ms2hf.errors import FormatError
+from ms2hf.io.safetensors_reader import SafetensorsHeader
+from ms2hf.pipeline.convert import ConvertOptions, convert
+from ms2hf.pipeline.inspect import HUGGING_FACE, TRAINING, UNIFIED, inspect
+from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES
+
+ALL_FIXTURES = DENSE_FIXTURES + MOE_FIXTURES
+OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
+
+
+def manifest(fixture: str) -> dict:
+    return json.loads((DATA / fixture / "manifest.json").read_text())
+
+
+def rank_files(fixture: str) -> list[Path]:
+    return sorted((DATA / fixture / "checkpoint").glob("rank_*/*.safetensors"))
+
+
+@pytest.mark.parametrize("fixture", ALL_FIXTURES)
+def test_layout_agrees_with_how_the_fixture_was_made(fixture: str) -> None:
+    m = manifest(fixture)
+    report = inspect(DATA / fixture)
+    assert report.kind == TRAINING
+    assert (report.ranks, report.stages) == (m["world"], m["pp"])
+    assert report.step == m["file_suffix"]
+    assert report.remove_redundancy == m["remove_redundancy"]
+    assert {p.name for p in report.params} == set(m["layout_of_param"])
+    per_stage = m["world"] // m["pp"]
+    for p in report.params:
+        layout = m["layout_of_param"][p.name]
+        assert p.stage == m["stage_of_param"][p.name], p.name
+        blocks = math.prod(p.shape) // math.prod(layout["slice_shape"])
+        assert math.prod(p.split) * p.optimizer_chunks == blocks, p.name
+        assert (p.optimizer_chunks > 1) == (layout["opt_decision"] == "sharded"), p.name
+        assert p.replicas * blocks == per_stage, p.name
+        assert p.saved_copies == (1 if m["remove_redundancy"] else p.replicas), p.name
+
+
+@pytest.mark.parametrize("fixture", ALL_FIXTURES)
+def test_byte_counts_agree_with_the_files(fixture: str) -> None:
+    weights_saved = optimizer = scalars = 0
+    dtypes: set[str] = set()
+    for path in rank_files(fixture):
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                n = math.prod(piece.get_shape()) * {"F32": 4, "BF16": 2, "I32": 4, "I64": 8}[piece.get_dtype()]
+                if name.startswith(OPTIMIZER_PREFIXES):
+                    optimizer += n
+                elif piece.get_shape() in ([], [1]) and "." not in name:
+                    scalars += n
+                else:
+                    weights_saved += n
+                    dtypes.add(piece.get_dtype())
+    report = inspect(DATA / fixture)
+    assert report.bytes.weights_saved == weights_saved
+    assert report.bytes.optimizer == optimizer
+    assert report.bytes.scalars == scalars
+    assert report.bytes.files == sum(p.stat().st_size for p in rank_files(fixture))
+    assert report.bytes.weights == sum(p.nbytes for p in report.params)
+    assert set(report.dtypes) == dtypes
+    assert sum(report.dtypes.values()) == report.bytes.weights
+
+
+@pytest.mark.parametrize("fixture", ALL_FIXTURES)
+def test_output_plan_is_what_convert_writes(fixture: str, tmp_path: Path) -> None:
+    options = ConvertOptions(dtype="fp32", max_shard_size=400_000, progress=False)
+    planned = inspect(DATA / fixture, options)
+    convert(DATA / fixture, tmp_path, options)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert planned.output is not None
+    assert [f.name for f in planned.output.files] == sorted(set(index["weight_map"].values()))
+    assert planned.output.tensors == len(index["weight_map"])
+    assert planned.output.bytes == index["metadata"]["total_size"]
+    assert planned.output.parameters == index["metadata"]["total_parameters"]
+    for f in planned.output.files:
+        assert f.tensors == len(SafetensorsHeader(tmp_path / f.name).tensors), f.name
+    written = json.loads((tmp_path / "config.json").read_text())
+    config = planned.to_dict()["model"]["config"]
+    assert {k: v["value"] for k, v in config.items()} == written
+
+
+def test_moe_names_its_skipped_parameters() -> None:
+    report = inspect(DATA / "moe_fp32_dp2tp2pp2_ep2")
+    assert report.model.model_type == "qwen3_moe"
+    assert report.model.skipped == tuple(f"decoder.layers.{i}.mlp.router.fi_accu" for i in range(4))
+    assert inspect(DATA / "tiny_fp32").model.skipped == ()
+
+
+def test_reads_no_tensor_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Scrambling every tensor's data changes nothing, and mapping a file is an error."""
+    src = DATA / "tiny_fp32_dp2tp2pp2_opt"
+    copy = tmp_path / "run"
+    shutil.copytree(src, copy)
+    for path in (copy / "checkpoint").glob("rank_*/*.safetensors"):
+        header = SafetensorsHeader(path)
+        start = min(t.start for t in header.tensors.values())
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.seek(start)
+            f.write(bytes(range(256)) * ((size - start) // 256) + b"\x7f" * ((size - start) % 256))
+
+    def no_mmap(*args: object, **kwargs: object) -> None:
+        raise AssertionError("inspect mapped a file")
+
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    got = inspect(copy).to_dict()
+    want = inspect(src).to_dict()
+    assert {k: v for k, v in got.items() if k != "path"} == {k: v for k, v in want.items() if k != "path"}
+
+
+def test_unified_and_hugging_face_folders(tmp_path: Path) -> None:
+    fixture = DATA / "tiny_tied_fp32_tp2pp2"
+    assert cli.main(["merge", "--checkpoint-dir", str(fixture / "checkpoint"), "--strategy-dir",
+                     str(fixture / "strategy"), "--output_dir", str(tmp_path / "merged"), "-q"]) == 0
+    unified_dir = next((tmp_path / "merged").glob("*/unified_safe"))
+    unified = inspect(unified_dir)
+    training = inspect(fixture)
+    assert unified.kind == UNIFIED
+    assert {p.name: (p.shape, p.dtype) for p in unified.params} == {
+        p.name: (p.shape, p.dtype) for p in training.params
+    }
+    assert all(p.split == (1,) * len(p.shape) and p.replicas == 1 for p in unified.params)
+    assert unified.output == training.output
+
+    convert(fixture, tmp_path / "hf", ConvertOptions(progress=False))
+    hf = inspect(tmp_path / "hf")
+    assert hf.kind == HUGGING_FACE and hf.output is None
+    assert hf.model.model_type == "qwen3"
+    assert hf.model.config["tie_word_embeddings"].value is True
+    assert training.output is not None
+    assert len(hf.params) == training.output.tensors
+    assert hf.bytes.weights == training.output.bytes
+    assert hf.dtypes == {"BF16": training.output.bytes}
+
+
+def test_cli_json_is_the_report_and_text_folds_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    path = DATA / "tiny_fp32_dp2tp2pp2_opt"
+    assert cli.main(["inspect", str(path), "--json", "--dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out) == inspect(path, ConvertOptions(dtype="fp32")).to_dict()
+    assert cli.main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out
+    lines = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  decoder")}
+    fc1 = lines["decoder.layers.*.mlp.linear_fc1.weight"]
+    assert fc1[1:] == ["(x4)", "384x128", "F32", "0-1", "dim0/2", "opt/2", "1", "1"]
+    assert "step 1000_1: 8 ranks, 2 pipeline stage(s) of 4" in text
+    assert "convert would write (bf16): 47 tensors" in text
+
+
+def test_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(FormatError, match="not a training output"):
+        inspect(tmp_path)
+    assert cli.main(["inspect", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

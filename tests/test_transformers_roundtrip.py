@@ -1,0 +1,145 @@
+"""The real client: a tiny Qwen3 made by transformers, saved as a MindSpore TP2 x PP2 training
+output, converted by ms2hf, loaded back with ``AutoModelForCausalLM.from_pretrained``, gives the
+very same logits (bit for bit in fp32; in bf16, those of the bf16-cast original), and loads with
+no warning at all (missing or unexpected keys, config fields, token ids).
+
+Needs the ``test-hf`` extra (transformers and a CPU torch); skipped without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import ms2hf  # noqa: E402
+from ms2hf.generator import GeneratorConfig, generate  # noqa: E402
+from ms2hf.generator import checkpoint as generator_checkpoint  # noqa: E402
+from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES  # noqa: E402
+
+SIZES = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+)
+ATTENTION = "eager"
+
+
+def original_model(tied: bool, path: Path) -> torch.nn.Module:
+    """A seeded random Qwen3, norms perturbed so that a swapped norm would show, saved to ``path``
+    by transformers (its config.json has the rope settings in ``rope_parameters`` only)."""
+    config = transformers.Qwen3Config(
+        **SIZES, tie_word_embeddings=tied, rms_norm_eps=1e-5, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+    )
+    torch.manual_seed(1234)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def write_training_output(model: torch.nn.Module, tied: bool, out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The project's generator, TP2 x PP2, with the model's tensors in place of its seeded draws
+    (the generator builds every MindSpore parameter from Hugging Face tensors it draws by name)."""
+    state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
+
+    def given(seed: int, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        assert state[name].shape == tuple(shape), name
+        return state[name].astype(dtype)
+
+    monkeypatch.setattr(generator_checkpoint, "_random", given)
+    config = GeneratorConfig(
+        layers=SIZES["num_hidden_layers"], hidden=SIZES["hidden_size"], heads=SIZES["num_attention_heads"],
+        groups=SIZES["num_key_value_heads"], head_dim=SIZES["head_dim"], ffn=SIZES["intermediate_size"],
+        vocab=SIZES["vocab_size"], tied=tied, dtype="fp32", tp=2, pp=2,
+    )
+    return generate(config, out).root
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def transformers_warnings() -> Iterator[list[str]]:
+    """Every warning transformers logs or raises while the test runs."""
+    records = _Records()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(records)
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        yield records.messages
+        records.messages += [str(w.message) for w in raised if "transformers" in w.filename]
+    logger.removeHandler(records)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_logits_survive_the_round_trip(
+    tied: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transformers_warnings: list[str]
+) -> None:
+    model = original_model(tied, tmp_path / "original")
+    training = write_training_output(model, tied, tmp_path / "training", monkeypatch)
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, SIZES["vocab_size"], (2, 24))
+    for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        out = tmp_path / f"hf_{dtype}"
+        ms2hf.convert(
+            training, out, dtype=dtype, progress=False, reference_config=tmp_path / "original" / "config.json"
+        )
+        transformers_warnings.clear()
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(
+            out, dtype=torch_dtype, attn_implementation=ATTENTION
+        ).eval()
+        assert transformers_warnings == []
+        assert loaded.config.rope_parameters["rope_theta"] == 50000.0
+        assert (loaded.config.rms_norm_eps, loaded.config.eos_token_id) == (1e-5, 2)
+        assert loaded.config.tie_word_embeddings is tied
+        # Cast by transformers' own loader, so that only the weights' path differs between the two.
+        reference = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "original", dtype=torch_dtype, attn_implementation=ATTENTION
+        ).eval()
+        with torch.no_grad():
+            want = reference(input_ids).logits
+            got = loaded(input_ids).logits
+        assert got.dtype == torch_dtype
+        assert torch.equal(got, want), f"{dtype}: max diff {(got.float() - want.float()).abs().max()}"
+        assert want.float().std() > 0
+
+
+OPTIONAL_FIELDS = {"pad_token_id", "layer_types"}
+"""Fields transformers' Qwen3 configs declare that config.json may leave out: no pad token in the
+published Qwen3 configs, and layer types derived from the sliding-window settings."""
+
+
+@pytest.mark.parametrize("fixture", DENSE_FIXTURES + MOE_FIXTURES)
+def test_every_fixture_loads_with_no_warning_and_no_missing_field(
+    fixture: str, tmp_path: Path, transformers_warnings: list[str]
+) -> None:
+    ms2hf.convert(DATA / fixture, tmp_path, progress=False)
+    written = json.loads((tmp_path / "config.json").read_text())
+    config_class = transformers.AutoConfig.for_model(written["model_type"]).__class__
+    assert set(config_class.__annotations__) - set(written) <= OPTIONAL_FIELDS
+    transformers_warnings.clear()
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTENTION)
+    assert transformers_warnings == []
+    assert model.dtype == torch.bfloat16
+    assert type(model).__name__ == written["architectures"][0]
+    for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "rms_norm_eps"):
+        assert getattr(model.config, key) == written[key], key
+    assert model.config.rope_parameters["rope_theta"] == written["rope_theta"]
