@@ -29,7 +29,9 @@ def make_options(base: ConvertOptions | None = None, **overrides: Any) -> Conver
     known = {f.name for f in dataclasses.fields(ConvertOptions)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise Ms2hfError(f"unknown option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}")
+        raise Ms2hfError(
+            f"unknown option(s) {', '.join(unknown)}; expected some of {', '.join(sorted(known))}"
+        )
     for name in SIZE_OPTIONS:
         if isinstance(overrides.get(name), str):
             try:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ms2hf import __version__
-from ms2hf.demo import run_demo
+from ms2hf.demo import DEMO_MODELS, run_demo
 from ms2hf.errors import Ms2hfError
 from ms2hf.pipeline.budget import parse_size
 from ms2hf.legacy_flags import add_merge_flags, add_reverse_flags, merge_request, reverse_request
@@ -314,12 +314,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> Handler:
     )
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for both outputs")
     p.add_argument("--dtype", choices=list(TARGETS), default="bf16", help="output dtype (default: bf16)")
+    p.add_argument(
+        "--model",
+        choices=list(DEMO_MODELS),
+        default="qwen3",
+        help="qwen3-moe adds 16 experts per layer over expert parallel 4 (default: qwen3)",
+    )
     _add_verbosity(p)
     return _run_demo
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    result = run_demo(args.out_dir, args.dtype, progress=not args.quiet)
+    result = run_demo(args.out_dir, args.dtype, progress=not args.quiet, model=args.model)
     print(result.summary())
     return 0 if result.ok else 1
 

@@ -8,12 +8,12 @@ cast shows up as a mismatch and a non-zero exit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ms2hf.generator import Generated, GeneratorConfig, generate
+from ms2hf.generator import Generated, GeneratorConfig, MoeConfig, generate
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
@@ -36,6 +36,14 @@ DEMO_MODEL = GeneratorConfig(
     seed=2024,
 )
 """Every kind of split at once: tensor, data and pipeline parallel, with optimizer sharding."""
+DEMO_MODELS = {
+    "qwen3": DEMO_MODEL,
+    "qwen3-moe": replace(
+        DEMO_MODEL, moe=MoeConfig(experts=16, moe_ffn=128, top_k=4, ep=4, mlp_only_layers=(0,))
+    ),
+}
+"""``--model`` -> what the demo trains; the MoE adds 16 experts over EP4 and one dense layer.
+Both write the same file names, so either replaces the other's files in one folder."""
 SHOWN = 5
 
 
@@ -53,9 +61,14 @@ class DemoResult:
     def summary(self) -> str:
         c, files = self.generated.config, self.generated.rank_files
         sharded = " with optimizer sharding" if c.opt_shard else ""
+        sizes = f"{c.layers} layers, hidden {c.hidden}"
+        model, ep = f"Qwen3 ({sizes})", ""
+        if c.moe is not None:
+            model = f"Qwen3-MoE ({sizes}, {c.moe.experts} experts per layer)"
+            ep = f" x EP{c.moe.ep}"
         made = (
-            f"demo: Qwen3 ({c.layers} layers, hidden {c.hidden}) trained on TP{c.tp} x DP{c.dp} "
-            f"x PP{c.pp}{sharded}: {len(files)} rank files "
+            f"demo: {model} trained on TP{c.tp} x DP{c.dp} x PP{c.pp}{ep}{sharded}: "
+            f"{len(files)} rank files "
             f"({format_size(sum(p.stat().st_size for p in files))}) in {self.generated.root}; "
             f"converted to {self.report.output_dir} in {self.report.seconds:.1f} s: "
         )
@@ -90,12 +103,15 @@ def mismatches(hf_dir: Path, expected: Path, dtype: str) -> list[str]:
     return sorted(bad)
 
 
-def run_demo(out_dir: Path, dtype: str = "bf16", progress: bool = False) -> DemoResult:
-    """Generate into ``out_dir/training_output``, convert into ``out_dir/hf``, compare.
+def run_demo(
+    out_dir: Path, dtype: str = "bf16", progress: bool = False, model: str = "qwen3"
+) -> DemoResult:
+    """Generate ``DEMO_MODELS[model]`` into ``out_dir/training_output``, convert into
+    ``out_dir/hf``, compare.
 
     Running it again replaces the files it wrote (the same names each time), nothing else.
     """
-    generated = generate(DEMO_MODEL, out_dir / "training_output")
+    generated = generate(DEMO_MODELS[model], out_dir / "training_output")
     options = ConvertOptions(
         dtype=dtype, config=generated.train_yaml, overwrite=True, progress=progress
     )

@@ -7,6 +7,7 @@ file lists are summarised; ``--json`` gives everything unfolded.
 from __future__ import annotations
 
 import re
+import textwrap
 from collections.abc import Iterable, Sequence
 
 from ms2hf.pipeline.budget import format_size
@@ -15,6 +16,15 @@ from ms2hf.pipeline.inspect import TRAINING, InspectReport, ParamReport
 
 _LAYER = re.compile(r"\.layers\.\d+\.")
 LISTED_FILES = 16
+WIDTH = 100
+
+
+def _wrapped(line: str) -> list[str]:
+    """A long list on lines of ``WIDTH``, continued with an indent under its label."""
+    indent = " " * (len(line) - len(line.lstrip()) + 4)
+    return textwrap.wrap(
+        line, WIDTH, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
 
 
 def _fold(name: str) -> str:
@@ -46,7 +56,9 @@ def _span(values: Iterable[int]) -> str:
 
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return [
+        "  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    ]
 
 
 def param_lines(report: InspectReport) -> list[str]:
@@ -99,13 +111,13 @@ def summary_lines(report: InspectReport) -> list[str]:
         counts.append(f"optimizer states {format_size(b.optimizer)} (never read)")
     if b.scalars:
         counts.append(f"scalars {format_size(b.scalars)}")
-    lines.append("bytes: " + ", ".join(counts))
+    lines += _wrapped("bytes: " + ", ".join(counts))
     lines.append(
         "weights by dtype: "
         + ", ".join(f"{d} {format_size(n)}" for d, n in sorted(report.dtypes.items()))
     )
     if report.scalars:
-        lines.append(
+        lines += _wrapped(
             "scalars: " + ", ".join(f"{s.name} {s.dtype} {_shape(s.shape)}" for s in report.scalars)
         )
     return lines
@@ -116,9 +128,9 @@ def model_lines(report: InspectReport) -> list[str]:
     if m.model_type is None:
         return [f"model: not recognised: {m.error}"]
     lines = [f"model: {m.model_type}; config.json values by where they come from:"]
-    lines += origin_lines(m.config)
+    lines += [part for line in origin_lines(m.config) for part in _wrapped(line)]
     if m.skipped:
-        lines.append(f"skipped, not weights: {', '.join(_folded(m.skipped))}")
+        lines += _wrapped(f"skipped, not weights: {', '.join(_folded(m.skipped))}")
     return lines
 
 
@@ -126,11 +138,11 @@ def output_lines(report: InspectReport) -> list[str]:
     out = report.output
     if out is None:
         return []
-    lines = [
+    lines = _wrapped(
         f"convert would write ({out.dtype}): {out.tensors} tensors, {out.parameters:,} "
         f"parameters, {format_size(out.bytes)} in {len(out.files)} file(s), then "
         + ", ".join(out.also)
-    ]
+    )
     rows = [["file", "tensors", "size"]]
     rows += [[f.name, str(f.tensors), format_size(f.bytes)] for f in out.files[:LISTED_FILES]]
     lines += _table(rows)

@@ -57,4 +57,9 @@ def edit_tensors(path: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> N
     dtypes = {name: info.dtype for name, info in header.tensors.items()}
     edit(tensors)
     names = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
-    save_file(tensors, path, header.metadata, {n: dtypes.get(n, names[a.dtype]) for n, a in tensors.items()})
+    save_file(
+        tensors,
+        path,
+        header.metadata,
+        {n: dtypes.get(n, names[a.dtype]) for n, a in tensors.items()},
+    )

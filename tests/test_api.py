@@ -1,4 +1,4 @@
-"""The Python API (``ms2hf.convert``, ``ms2hf.inspect``) and the reports it shares with ``--json``."""
+"""The Python API (``ms2hf.convert``, ``ms2hf.inspect``) and the reports it shares with --json."""
 
 from __future__ import annotations
 
@@ -21,7 +21,11 @@ FIXTURE = DATA / "tiny_fp32_dp2tp2pp2_opt"
 
 def test_convert_with_keyword_options(tmp_path: Path) -> None:
     report = ms2hf.convert(
-        str(FIXTURE), str(tmp_path / "hf"), dtype="fp32", max_shard_size="1MB", progress=False,
+        str(FIXTURE),
+        str(tmp_path / "hf"),
+        dtype="fp32",
+        max_shard_size="1MB",
+        progress=False,
         reference_config=str(FIXTURE / "ground_truth" / "config.json"),
     )
     assert isinstance(report, ms2hf.ConvertReport)
@@ -29,7 +33,9 @@ def test_convert_with_keyword_options(tmp_path: Path) -> None:
     assert report.files == sorted(set(index["weight_map"].values())) and len(report.files) == 3
     assert report.bytes_written == index["metadata"]["total_size"] == 2_496_000
     assert report.tensors == len(index["weight_map"])
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 256
+    assert (
+        json.loads((tmp_path / "hf" / "config.json").read_text())["max_position_embeddings"] == 256
+    )
     doc = report.to_dict()
     assert json.loads(json.dumps(doc)) == doc
     assert doc["output_dir"] == str(tmp_path / "hf")
@@ -57,9 +63,14 @@ def test_inspect_returns_the_pipeline_report() -> None:
     assert report.output is not None and len(report.output.files) == 3
 
 
-def test_cli_convert_json_prints_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_convert_json_prints_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "hf"
-    assert cli.main(["convert", str(FIXTURE), str(out), "--json", "-q", "--max-shard-size", "1MB"]) == 0
+    assert (
+        cli.main(["convert", str(FIXTURE), str(out), "--json", "-q", "--max-shard-size", "1MB"])
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     expected_keys = set(ms2hf.convert(FIXTURE, tmp_path / "again", progress=False).to_dict())
     assert set(doc) == expected_keys

@@ -34,17 +34,33 @@ def write_json(path: Path, doc: dict[str, Any]) -> Path:
 
 
 def write_yaml(path: Path, model_config: str) -> Path:
-    path.write_text("model:\n  model_config:\n" + "".join(f"    {line}\n" for line in model_config.splitlines()))
+    path.write_text(
+        "model:\n  model_config:\n" + "".join(f"    {line}\n" for line in model_config.splitlines())
+    )
     return path
 
 
 def test_defaults_and_sizes(tmp_path: Path) -> None:
     config, origins = run(tmp_path)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "tie_word_embeddings",
+    ):
         assert config[key] == TRUTH[key], key
         assert origins[key] == "weights", key
-    for key in ("rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act", "attention_bias"):
+    for key in (
+        "rms_norm_eps",
+        "rope_theta",
+        "max_position_embeddings",
+        "hidden_act",
+        "attention_bias",
+    ):
         assert config[key] == QWEN3_DEFAULTS[key], key
         assert origins[key] == "qwen3 default", key
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
@@ -63,30 +79,41 @@ def test_defaults_token_ids_kept_when_the_vocabulary_has_them() -> None:
 
 
 def test_reference_config_in_transformers_5_form(tmp_path: Path) -> None:
-    reference = write_json(tmp_path / "config.json", {
-        **TRUTH,
-        "rms_norm_eps": 1e-5,
-        "bos_token_id": 1,
-        "eos_token_id": [2, 3],
-        "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
-        "transformers_version": "5.0.0",
-        "dtype": "float32",
-    })
+    reference = write_json(
+        tmp_path / "config.json",
+        {
+            **TRUTH,
+            "rms_norm_eps": 1e-5,
+            "bos_token_id": 1,
+            "eos_token_id": [2, 3],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+            "transformers_version": "5.0.0",
+            "dtype": "float32",
+        },
+    )
     config, origins = run(tmp_path, reference_config=reference)
     assert config["max_position_embeddings"] == TRUTH["max_position_embeddings"] == 256
     assert origins["max_position_embeddings"] == "reference config.json: max_position_embeddings"
-    assert (config["rms_norm_eps"], config["bos_token_id"], config["eos_token_id"]) == (1e-5, 1, [2, 3])
+    assert (config["rms_norm_eps"], config["bos_token_id"], config["eos_token_id"]) == (
+        1e-5,
+        1,
+        [2, 3],
+    )
     assert config["rope_theta"] == 500000.0
     assert origins["rope_theta"] == "reference config.json: rope_parameters.rope_theta"
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": 500000.0}
-    assert config["torch_dtype"] == config["dtype"] == "bfloat16"  # --dtype decides, not the reference
+    assert (
+        config["torch_dtype"] == config["dtype"] == "bfloat16"
+    )  # --dtype decides, not the reference
     assert "transformers_version" not in config
     assert origins["hidden_size"] == "weights"
 
 
 def test_reference_config_in_old_form_with_rope_scaling(tmp_path: Path) -> None:
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
-    reference = write_json(tmp_path / "ref.json", {**TRUTH, "rope_theta": 20000.0, "rope_scaling": yarn})
+    reference = write_json(
+        tmp_path / "ref.json", {**TRUTH, "rope_theta": 20000.0, "rope_scaling": yarn}
+    )
     config, _ = run(tmp_path, reference_config=reference)
     assert config["rope_theta"] == 20000.0
     assert config["rope_scaling"] == yarn
@@ -95,10 +122,15 @@ def test_reference_config_in_old_form_with_rope_scaling(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
-    [("hidden_size", 256, "hidden_size = 128"), ("num_key_value_heads", 4, "num_key_value_heads = 2"),
-     ("tie_word_embeddings", True, "tie_word_embeddings = False")],
+    [
+        ("hidden_size", 256, "hidden_size = 128"),
+        ("num_key_value_heads", 4, "num_key_value_heads = 2"),
+        ("tie_word_embeddings", True, "tie_word_embeddings = False"),
+    ],
 )
-def test_reference_sizes_must_agree_with_the_weights(tmp_path: Path, key: str, value: Any, expected: str) -> None:
+def test_reference_sizes_must_agree_with_the_weights(
+    tmp_path: Path, key: str, value: Any, expected: str
+) -> None:
     reference = write_json(tmp_path / "ref.json", {**TRUTH, key: value})
     with pytest.raises(Ms2hfError, match=rf"ref\.json: {key} = {value!r}.*{expected}"):
         run(tmp_path, reference_config=reference)
@@ -107,13 +139,17 @@ def test_reference_sizes_must_agree_with_the_weights(tmp_path: Path, key: str, v
 
 def test_reference_for_another_model_type(tmp_path: Path) -> None:
     reference = write_json(tmp_path / "ref.json", {**TRUTH, "model_type": "qwen3_moe"})
-    with pytest.raises(Ms2hfError, match="model_type = 'qwen3_moe', but the weights are a 'qwen3' model"):
+    with pytest.raises(
+        Ms2hfError, match="model_type = 'qwen3_moe', but the weights are a 'qwen3' model"
+    ):
         run(tmp_path, reference_config=reference)
 
 
 def test_yaml_values_and_yaml_exponent_strings(tmp_path: Path) -> None:
     # PyYAML reads 1e-5 (no dot) as a string; it is still a number to ms2hf.
-    yaml = write_yaml(tmp_path / "train.yaml", "hidden_size: 128\nlayernorm_epsilon: 1e-5\nrope_theta: 10000.0")
+    yaml = write_yaml(
+        tmp_path / "train.yaml", "hidden_size: 128\nlayernorm_epsilon: 1e-5\nrope_theta: 10000.0"
+    )
     config, origins = run(tmp_path, config=yaml)
     assert config["rms_norm_eps"] == 1e-5
     assert origins["rms_norm_eps"] == "train.yaml: model.model_config.layernorm_epsilon"
@@ -127,12 +163,17 @@ def test_yaml_and_reference_must_agree(tmp_path: Path) -> None:
     assert config["rms_norm_eps"] == 1e-5
     assert origins["rms_norm_eps"].startswith("train.yaml")
     disagreeing = write_json(tmp_path / "bad.json", TRUTH)
-    with pytest.raises(Ms2hfError, match=r"bad\.json: rms_norm_eps = 1e-06 and train\.yaml: "
-                                         r"model\.model_config\.rms_norm_eps = 1e-05 disagree"):
+    with pytest.raises(
+        Ms2hfError,
+        match=r"bad\.json: rms_norm_eps = 1e-06 and train\.yaml: "
+        r"model\.model_config\.rms_norm_eps = 1e-05 disagree",
+    ):
         run(tmp_path / "second", config=yaml, reference_config=disagreeing)
 
 
-def test_the_run_logs_where_each_value_came_from(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_run_logs_where_each_value_came_from(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     reference = write_json(tmp_path / "ref.json", {**TRUTH, "rms_norm_eps": 1e-5})
     with caplog.at_level(logging.INFO, logger="ms2hf"):
         run(tmp_path, reference_config=reference)
@@ -146,8 +187,15 @@ def test_the_run_logs_where_each_value_came_from(tmp_path: Path, caplog: pytest.
 
 def make_tokenizer_dir(folder: Path) -> dict[str, bytes]:
     folder.mkdir()
-    files = {name: f"{name} contents".encode() for name in ("tokenizer.json", "tokenizer_config.json",
-                                                             "generation_config.json", "chat_template.jinja")}
+    files = {
+        name: f"{name} contents".encode()
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "generation_config.json",
+            "chat_template.jinja",
+        )
+    }
     for name, data in files.items():
         (folder / name).write_bytes(data)
     (folder / "config.json").write_text("{}")  # never copied: the run writes its own
@@ -158,13 +206,21 @@ def make_tokenizer_dir(folder: Path) -> dict[str, bytes]:
 def test_tokenizer_files_are_copied(tmp_path: Path) -> None:
     files = make_tokenizer_dir(tmp_path / "tok")
     out = tmp_path / "hf"
-    assert cli.main(["convert", str(FIXTURE), str(out), "--tokenizer-dir", str(tmp_path / "tok"), "-q"]) == 0
+    assert (
+        cli.main(
+            ["convert", str(FIXTURE), str(out), "--tokenizer-dir", str(tmp_path / "tok"), "-q"]
+        )
+        == 0
+    )
     for name, data in files.items():
         assert (out / name).read_bytes() == data
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(p.name for p in out.iterdir() if not p.name.startswith(".")) == {
-        *files, "config.json", "model.safetensors", "model.safetensors.index.json"
+        *files,
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
     }
     assert set(index["weight_map"].values()) == {"model.safetensors"}
 
@@ -173,7 +229,10 @@ def test_tokenizer_dir_is_checked_before_anything_is_written(tmp_path: Path) -> 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "README.md").write_text("no tokenizer here")
-    for folder, message in ((empty, "holds none of tokenizer.json"), (tmp_path / "missing", "not a folder")):
+    for folder, message in (
+        (empty, "holds none of tokenizer.json"),
+        (tmp_path / "missing", "not a folder"),
+    ):
         with pytest.raises(Ms2hfError, match=message):
             run(tmp_path, tokenizer_dir=folder)
         assert not (tmp_path / "hf").exists()

@@ -33,3 +33,13 @@ def test_mismatch_names_the_tensor(tmp_path: Path) -> None:
     shard.write_bytes(bytes(data))
     assert mismatches(hf, expected, "bf16") == ["model.layers.1.mlp.down_proj.weight"]
     assert len(mismatches(hf, expected, "fp32")) == len(SafetensorsHeader(expected).tensors)
+
+
+def test_moe_demo_converts_and_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", str(tmp_path), "-q", "--model", "qwen3-moe"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("demo: Qwen3-MoE (") and " x EP4 " in line, line
+    assert line.endswith("tensors match the expected bytes"), line
+    expected = SafetensorsHeader(tmp_path / "training_output" / "expected" / "hf_model.safetensors")
+    assert "model.layers.1.mlp.experts.15.down_proj.weight" in expected.tensors
+    assert "model.layers.0.mlp.down_proj.weight" in expected.tensors  # the dense layer

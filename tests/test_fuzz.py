@@ -106,7 +106,9 @@ def test_damaged_safetensors_bytes(scratch: Path, changes: list[Edit]) -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 dims = st.integers(-2, 2**66) | st.booleans() | st.floats() | st.text(max_size=2)
@@ -171,7 +173,9 @@ header_edits = st.lists(
 
 @FUZZ
 @given(changes=header_edits)
-def test_rank_file_headers_changed_in_structure(training: Path, changes: list[tuple[str, int, Any]]) -> None:
+def test_rank_file_headers_changed_in_structure(
+    training: Path, changes: list[tuple[str, int, Any]]
+) -> None:
     """Shapes, dtypes and offsets changed consistently enough that the reader may accept them,
     so that the planner and the model rules see strange but well-formed slices."""
     original = next((FIXTURE / "checkpoint" / "rank_0").glob("*.safetensors"))
@@ -182,7 +186,9 @@ def test_rank_file_headers_changed_in_structure(training: Path, changes: list[tu
         if kind == "drop":
             header.pop(name, None)
         elif kind == "copy":
-            header[name + ".bias"] = dict(header.get(name, {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}))
+            header[name + ".bias"] = dict(
+                header.get(name, {"dtype": "F32", "shape": [], "data_offsets": [0, 4]})
+            )
         elif name in header:
             header[name][kind] = value if kind != "data_offsets" else sorted(value)[:2]
     path = rank0(training)
@@ -209,19 +215,26 @@ def _write_strategy(folder: Path, contents: list[bytes], suffix: str) -> None:
 @FUZZ
 @given(changes=edits, which=st.integers(0, RANKS - 1))
 def test_damaged_protobuf_strategy_bytes(strategies: Path, changes: list[Edit], which: int) -> None:
-    real = [(FIXTURE / "strategy" / f"ckpt_strategy_rank_{r}.ckpt").read_bytes() for r in range(RANKS)]
+    real = [
+        (FIXTURE / "strategy" / f"ckpt_strategy_rank_{r}.ckpt").read_bytes() for r in range(RANKS)
+    ]
     real[which] = damage(real[which], changes, len(real[which]))
     _write_strategy(strategies, real, ".ckpt")
     only_our_errors(lambda: plan(FIXTURE, strategies))
 
 
-REAL_NAMES = sorted(k for k in split(next((FIXTURE / "checkpoint" / "rank_0").glob("*.safetensors")))[0]
-                    if not k.startswith(("adam", "__")))
+REAL_NAMES = sorted(
+    k
+    for k in split(next((FIXTURE / "checkpoint" / "rank_0").glob("*.safetensors")))[0]
+    if not k.startswith(("adam", "__"))
+)
 small = st.integers(-2, 5) | st.sampled_from([2**31 - 1, -(2**31)])
 layouts = st.fixed_dictionaries(
     {
         "name": st.sampled_from(REAL_NAMES) | st.text(max_size=8),
-        "dev_matrix": st.lists(st.lists(st.integers(0, 5) | st.just(2**32 - 1), max_size=4), max_size=2),
+        "dev_matrix": st.lists(
+            st.lists(st.integers(0, 5) | st.just(2**32 - 1), max_size=4), max_size=2
+        ),
         "tensor_map": st.lists(st.lists(small, max_size=3), max_size=3),
         "split": st.lists(st.lists(st.integers(-1, 4), max_size=2), max_size=1),
         "step": small,
@@ -249,10 +262,14 @@ def _message(stage: int, items: list[dict[str, Any]]) -> bytes:
 @FUZZ
 @given(
     files=st.lists(
-        st.tuples(st.integers(0, 2), st.lists(layouts, min_size=1, max_size=5)), min_size=1, max_size=4
+        st.tuples(st.integers(0, 2), st.lists(layouts, min_size=1, max_size=5)),
+        min_size=1,
+        max_size=4,
     )
 )
-def test_random_protobuf_strategies(strategies: Path, files: list[tuple[int, list[dict[str, Any]]]]) -> None:
+def test_random_protobuf_strategies(
+    strategies: Path, files: list[tuple[int, list[dict[str, Any]]]]
+) -> None:
     _write_strategy(strategies, [_message(stage, items) for stage, items in files], ".ckpt")
     only_our_errors(lambda: plan(FIXTURE, strategies))
 
@@ -261,7 +278,9 @@ json_layouts = st.fixed_dictionaries(
     {},
     optional={
         "dev_matrix": st.lists(st.integers(-1, 4), max_size=3) | json_values,
-        "tensor_map": st.lists(st.integers(-2, 3) | st.lists(st.integers(-2, 3), max_size=2), max_size=3)
+        "tensor_map": st.lists(
+            st.integers(-2, 3) | st.lists(st.integers(-2, 3), max_size=2), max_size=3
+        )
         | json_values,
         "tensor_shape": st.lists(st.integers(0, 600), max_size=3) | json_values,
         "opt_weight_shard_step": small | json_values,
@@ -274,7 +293,8 @@ json_strategies = st.fixed_dictionaries(
     optional={
         "current_stage": json_values,
         "parallel_strategy_item": st.dictionaries(
-            st.text(max_size=3), st.fixed_dictionaries({}, optional={"stage": st.integers(-1, 3) | json_values}),
+            st.text(max_size=3),
+            st.fixed_dictionaries({}, optional={"stage": st.integers(-1, 3) | json_values}),
             max_size=2,
         )
         | json_values,
@@ -313,6 +333,11 @@ def test_the_fuzzed_inputs_start_from_valid_ones(scratch: Path) -> None:
     """The damage is what makes inputs fail: the undamaged bases are accepted."""
     path = scratch / "base.safetensors"
     path.write_bytes(small_safetensors())
-    assert set(SafetensorsHeader(path).tensors) == {"a.weight", "b.norm", "global_step", "loss_scale"}
+    assert set(SafetensorsHeader(path).tensors) == {
+        "a.weight",
+        "b.norm",
+        "global_step",
+        "loss_scale",
+    }
     plan(FIXTURE, FIXTURE / "strategy")
     assert len(REAL_NAMES) > 10

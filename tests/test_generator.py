@@ -1,5 +1,6 @@
 """The checkpoint generator writes what MindSpore writes: checked against the genuine fixtures'
-structure (rank files, keys, shapes, dtypes, metadata, strategy bytes), and its own promises."""
+structure (rank files, keys, shapes, dtypes, metadata, strategy bytes), dense and MoE, and its
+own promises."""
 
 from __future__ import annotations
 
@@ -12,18 +13,30 @@ import pytest
 
 from ms2hf.demo import mismatches
 from ms2hf.errors import Ms2hfError
-from ms2hf.generator import GeneratorConfig, generate
+from ms2hf.generator import GeneratorConfig, MoeConfig, generate
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.strategy import load_strategy
 from ms2hf.io.train_yaml import read_train_config
 from ms2hf.pipeline.convert import ConvertOptions, convert
-from tests.conftest import DATA, DENSE_FIXTURES
+from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES
+
+FIXTURES = DENSE_FIXTURES + MOE_FIXTURES
 
 
 def config_of(fixture: Path) -> GeneratorConfig:
     """The generator settings of a fixture, from its manifest alone."""
     m = json.loads((fixture / "manifest.json").read_text())
     model, parallel = m["model_config"], m["auto_parallel_context"]
+    moe = None
+    if "num_experts" in model:
+        moe = MoeConfig(
+            experts=model["num_experts"],
+            moe_ffn=model["moe_intermediate_size"],
+            top_k=model["num_experts_per_tok"],
+            ep=m["ep"],
+            mlp_only_layers=tuple(model.get("mlp_only_layers", ())),
+            decoder_sparse_step=model["decoder_sparse_step"],
+        )
     return GeneratorConfig(
         layers=model["num_hidden_layers"],
         hidden=model["hidden_size"],
@@ -43,6 +56,7 @@ def config_of(fixture: Path) -> GeneratorConfig:
         remove_redundancy=m["remove_redundancy"],
         prefix=m["prefix"],
         step=int(m["file_suffix"].split("_")[0]),
+        moe=moe,
     )
 
 
@@ -51,7 +65,7 @@ def rank_file(checkpoint: Path, rank: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", DENSE_FIXTURES)
+@pytest.mark.parametrize("name", FIXTURES)
 def test_rank_files_match_the_fixture_structure(name: str, tmp_path: Path) -> None:
     fixture = DATA / name
     generated = generate(config_of(fixture), tmp_path)
@@ -68,7 +82,7 @@ def test_rank_files_match_the_fixture_structure(name: str, tmp_path: Path) -> No
         ], f"rank {rank}"
 
 
-@pytest.mark.parametrize("name", DENSE_FIXTURES)
+@pytest.mark.parametrize("name", FIXTURES)
 def test_strategy_files_match_the_fixture(name: str, tmp_path: Path) -> None:
     fixture = DATA / name
     generated = generate(config_of(fixture), tmp_path)
@@ -80,16 +94,31 @@ def test_strategy_files_match_the_fixture(name: str, tmp_path: Path) -> None:
         assert (generated.strategy_dir / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def test_expected_tensors_do_not_depend_on_the_parallel_layout(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", FIXTURES)
+def test_expected_config_is_the_fixture_config(name: str, tmp_path: Path) -> None:
+    fixture = DATA / name
+    written = json.loads(generate(config_of(fixture), tmp_path).hf_config.read_text())
+    truth = json.loads((fixture / "ground_truth" / "config.json").read_text())
+    assert written == {k: truth[k] for k in written}
+
+
+@pytest.mark.parametrize(
+    "moe", [None, MoeConfig(experts=4, moe_ffn=8, ep=2, mlp_only_layers=(1,))], ids=["dense", "moe"]
+)
+def test_expected_tensors_do_not_depend_on_the_parallel_layout(
+    moe: MoeConfig | None, tmp_path: Path
+) -> None:
     model = GeneratorConfig(
         layers=2, hidden=32, heads=4, groups=2, head_dim=8, ffn=24, vocab=64, seed=7
     )
-    single = generate(model, tmp_path / "single")
+    one_device = replace(model, moe=None if moe is None else replace(moe, ep=1))
+    single = generate(one_device, tmp_path / "single")
     split = generate(
-        replace(model, tp=2, dp=2, pp=2, opt_shard=-1, remove_redundancy=True), tmp_path / "split"
+        replace(model, tp=2, dp=2, pp=2, opt_shard=-1, remove_redundancy=True, moe=moe),
+        tmp_path / "split",
     )
     assert split.expected.read_bytes() == single.expected.read_bytes()
-    other_seed = generate(replace(model, seed=8), tmp_path / "other")
+    other_seed = generate(replace(one_device, seed=8), tmp_path / "other")
     assert other_seed.expected.read_bytes() != single.expected.read_bytes()
 
 
@@ -100,6 +129,25 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
     first, second = generate(config, tmp_path / "a"), generate(config, tmp_path / "b")
     for a, b in zip(first.rank_files, second.rank_files):
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_router_statistic_is_fp32_outside_the_optimizer(tmp_path: Path) -> None:
+    """``fi_accu``, as TopKRouter creates it: float32 in a bf16 run, no Adam states, never
+    optimizer-sharded while the weights around it are, and not a Hugging Face tensor."""
+    moe = MoeConfig(experts=4, moe_ffn=8, ep=2)
+    generated = generate(
+        GeneratorConfig(dtype="bf16", tp=2, dp=2, opt_shard=-1, moe=moe), tmp_path
+    )
+    name = "decoder.layers.0.mlp.router.fi_accu"
+    for path in generated.rank_files:
+        tensors = SafetensorsHeader(path).tensors
+        assert (tensors[name].dtype, tensors[name].shape) == ("F32", (4,))
+        assert tensors["decoder.layers.0.mlp.experts.weight1"].dtype == "BF16"
+        assert not [k for k in tensors if k.startswith("adam_") and "fi_accu" in k]
+    layouts = load_strategy(generated.strategy_dir).layouts[0]
+    assert not layouts[name].optimizer_sharded
+    assert layouts["decoder.layers.0.mlp.experts.weight1"].optimizer_sharded
+    assert not [k for k in SafetensorsHeader(generated.expected).tensors if "fi_accu" in k]
 
 
 def test_tied_model_has_no_output_layer_and_embedding_on_stage_zero_only(tmp_path: Path) -> None:
@@ -157,3 +205,21 @@ def test_impossible_settings_are_refused_by_name(
 ) -> None:
     with pytest.raises(Ms2hfError, match=re.escape(named)):
         generate(GeneratorConfig(**settings), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "moe", "named"),
+    [
+        ({}, {"top_k": 9}, "MoeConfig.top_k = 9"),
+        ({}, {"experts": 6, "ep": 4}, "MoeConfig.experts = 6 cannot be split"),
+        ({"tp": 2}, {"ep": 4}, "MoeConfig.ep = 4 does not divide the 2 devices"),
+        ({}, {"mlp_only_layers": (1, 4)}, "layers [4] do not exist"),
+        ({}, {"decoder_sparse_step": 5}, "leave no layer with experts"),
+        ({}, {"moe_ffn": 0}, "MoeConfig.moe_ffn = 0"),
+    ],
+)
+def test_impossible_moe_settings_are_refused_by_name(
+    parallel: dict, moe: dict, named: str
+) -> None:
+    with pytest.raises(Ms2hfError, match=re.escape(named)):
+        GeneratorConfig(**parallel, moe=MoeConfig(**moe))

@@ -10,14 +10,17 @@ import mmap
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from ms2hf import cli
 from ms2hf.errors import FormatError
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.pipeline.convert import ConvertOptions, convert
 from ms2hf.pipeline.inspect import HUGGING_FACE, TRAINING, UNIFIED, inspect
+from ms2hf.report_text import inspect_text
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES
 
 ALL_FIXTURES = DENSE_FIXTURES + MOE_FIXTURES
@@ -60,7 +63,10 @@ def test_byte_counts_agree_with_the_files(fixture: str) -> None:
         with safe_open(path, framework="numpy") as f:
             for name in f.keys():
                 piece = f.get_slice(name)
-                n = math.prod(piece.get_shape()) * {"F32": 4, "BF16": 2, "I32": 4, "I64": 8}[piece.get_dtype()]
+                n = (
+                    math.prod(piece.get_shape())
+                    * {"F32": 4, "BF16": 2, "I32": 4, "I64": 8}[piece.get_dtype()]
+                )
                 if name.startswith(OPTIMIZER_PREFIXES):
                     optimizer += n
                 elif piece.get_shape() in ([], [1]) and "." not in name:
@@ -122,13 +128,28 @@ def test_reads_no_tensor_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(mmap, "mmap", no_mmap)
     got = inspect(copy).to_dict()
     want = inspect(src).to_dict()
-    assert {k: v for k, v in got.items() if k != "path"} == {k: v for k, v in want.items() if k != "path"}
+    assert {k: v for k, v in got.items() if k != "path"} == {
+        k: v for k, v in want.items() if k != "path"
+    }
 
 
 def test_unified_and_hugging_face_folders(tmp_path: Path) -> None:
     fixture = DATA / "tiny_tied_fp32_tp2pp2"
-    assert cli.main(["merge", "--checkpoint-dir", str(fixture / "checkpoint"), "--strategy-dir",
-                     str(fixture / "strategy"), "--output_dir", str(tmp_path / "merged"), "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "merge",
+                "--checkpoint-dir",
+                str(fixture / "checkpoint"),
+                "--strategy-dir",
+                str(fixture / "strategy"),
+                "--output_dir",
+                str(tmp_path / "merged"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     unified_dir = next((tmp_path / "merged").glob("*/unified_safe"))
     unified = inspect(unified_dir)
     training = inspect(fixture)
@@ -153,10 +174,14 @@ def test_unified_and_hugging_face_folders(tmp_path: Path) -> None:
 def test_cli_json_is_the_report_and_text_folds_layers(capsys: pytest.CaptureFixture[str]) -> None:
     path = DATA / "tiny_fp32_dp2tp2pp2_opt"
     assert cli.main(["inspect", str(path), "--json", "--dtype", "fp32"]) == 0
-    assert json.loads(capsys.readouterr().out) == inspect(path, ConvertOptions(dtype="fp32")).to_dict()
+    assert (
+        json.loads(capsys.readouterr().out) == inspect(path, ConvertOptions(dtype="fp32")).to_dict()
+    )
     assert cli.main(["inspect", str(path)]) == 0
     text = capsys.readouterr().out
-    lines = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  decoder")}
+    lines = {
+        line.split()[0]: line.split() for line in text.splitlines() if line.startswith("  decoder")
+    }
     fc1 = lines["decoder.layers.*.mlp.linear_fc1.weight"]
     assert fc1[1:] == ["(x4)", "384x128", "F32", "0-1", "dim0/2", "opt/2", "1", "1"]
     assert "step 1000_1: 8 ranks, 2 pipeline stage(s) of 4" in text
@@ -169,3 +194,34 @@ def test_not_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
         inspect(tmp_path)
     assert cli.main(["inspect", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_an_unrecognised_model_is_still_described(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "weights.safetensors"
+    save_file(
+        {"encoder.proj.weight": np.zeros((4, 3), np.float32)}, path, metadata={"format": "ms"}
+    )
+    report = inspect(path)
+    assert report.kind == UNIFIED and report.output is None
+    assert [(p.name, p.shape, p.dtype) for p in report.params] == [
+        ("encoder.proj.weight", (4, 3), "F32")
+    ]
+    assert report.model.model_type is None
+    assert "embedding.word_embeddings.weight" in (report.model.error or "")
+    assert cli.main(["inspect", str(path)]) == 0
+    assert "model: not recognised: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fixture", ALL_FIXTURES)
+def test_readme_shows_the_current_output(fixture: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = DATA.parent.parent
+    monkeypatch.chdir(root)
+    text = inspect_text(inspect(Path("tests") / "data" / fixture))
+    readme = (root / "README.md").read_text()
+    assert f"ms2hf inspect tests/data/{fixture}" in readme
+    assert (
+        f"```\n{text}\n```" in readme
+        or f"ms2hf inspect tests/data/{fixture}\n{text}\n```" in readme
+    )

@@ -1,5 +1,5 @@
-"""Property tests: any generated training output converts to exactly the expected tensors, and a
-conversion reads the model's weight bytes once each and nothing else."""
+"""Property tests: any generated training output, dense or MoE, converts to exactly the expected
+tensors, and a conversion reads the model's weight bytes once each and nothing else."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ms2hf.generator import GeneratorConfig, generate
-from ms2hf.generator.qwen3 import model_spec
+from ms2hf.generator import GeneratorConfig, MoeConfig, generate
+from ms2hf.generator.models import model_spec
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.training_keys import KeyKind, key_kind
 from ms2hf.pipeline.convert import ConvertOptions, convert
@@ -50,14 +50,55 @@ def training_runs(draw: st.DrawFn) -> GeneratorConfig:
     )
 
 
+@st.composite
+def moe_runs(draw: st.DrawFn) -> GeneratorConfig:
+    """Tiny Qwen3-MoE models with expert parallelism over any divisor > 1 of a stage's devices,
+    combined with TP, DP, PP, optimizer sharding, redundancy removal and dense layers (by
+    ``decoder_sparse_step`` and ``mlp_only_layers``, always leaving one layer with experts)."""
+    pp = draw(st.integers(1, 2))
+    tp, dp = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2, 3]))
+    ep = draw(st.sampled_from([d for d in (2, 3, 4, 6) if (tp * dp) % d == 0] or [1]))
+    experts = ep * draw(st.integers(1, 3))
+    layers = pp * draw(st.integers(1, 3))
+    step = draw(st.integers(1, layers))
+    others = [i for i in range(layers) if i != step - 1]  # layer step - 1 keeps its experts
+    mlp_only = draw(st.lists(st.sampled_from(others), unique=True) if others else st.just([]))
+    groups = draw(st.sampled_from([1, 2]))
+    moe = MoeConfig(
+        experts=experts,
+        moe_ffn=draw(st.integers(1, 6)),
+        top_k=draw(st.integers(1, experts)),
+        ep=ep,
+        mlp_only_layers=tuple(sorted(mlp_only)),
+        decoder_sparse_step=step,
+    )
+    return GeneratorConfig(
+        layers=layers,
+        hidden=4 * draw(st.integers(2, 6)),
+        heads=groups * draw(st.integers(1, 2)),
+        groups=groups,
+        head_dim=draw(st.sampled_from([4, 8])),
+        ffn=4 * draw(st.integers(1, 4)),
+        vocab=4 * draw(st.integers(2, 8)),
+        tied=draw(st.booleans()),
+        dtype=draw(st.sampled_from(["fp32", "bf16"])),
+        tp=tp,
+        dp=dp,
+        pp=pp,
+        opt_shard=draw(st.sampled_from([0, -1, 2])),
+        remove_redundancy=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32 - 1)),
+        prefix="qwen3_moe",
+        moe=moe,
+    )
+
+
 def cast(want: np.ndarray, dtype: str) -> np.ndarray:
     """SPEC section 6: widening is exact, then one round to nearest even into the target."""
     return want if dtype == "source" else want.astype(np.float32).astype(CAST[dtype])
 
 
-@settings(max_examples=25, deadline=None)
-@given(run=training_runs(), dtype=st.sampled_from(["bf16", "fp16", "fp32", "source"]))
-def test_any_generated_run_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
+def assert_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         generated = generate(run, Path(tmp) / "training")
         out = Path(tmp) / "hf"
@@ -72,6 +113,21 @@ def test_any_generated_run_converts_exactly(run: GeneratorConfig, dtype: str) ->
             want = cast(want, dtype)
             assert (got[name].dtype, got[name].shape) == (want.dtype, want.shape), name
             assert got[name].tobytes() == want.tobytes(), name
+
+
+DTYPES = st.sampled_from(["bf16", "fp16", "fp32", "source"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(run=training_runs(), dtype=DTYPES)
+def test_any_generated_run_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
+    assert_converts_exactly(run, dtype)
+
+
+@settings(max_examples=15, deadline=None)
+@given(run=moe_runs(), dtype=DTYPES)
+def test_any_generated_moe_run_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
+    assert_converts_exactly(run, dtype)
 
 
 def _tensor_ranges(files: list[Path]) -> dict[Path, list[tuple[int, int, KeyKind]]]:
@@ -90,8 +146,11 @@ def _tensor_ranges(files: list[Path]) -> dict[Path, list[tuple[int, int, KeyKind
         GeneratorConfig(tp=2, dp=2, pp=2),  # every weight saved twice or four times
         GeneratorConfig(tp=2, dp=2, pp=2, opt_shard=-1, tied=True, dtype="bf16"),
         GeneratorConfig(tp=2, dp=2, pp=2, opt_shard=2, remove_redundancy=True),
+        GeneratorConfig(
+            tp=2, dp=2, pp=2, opt_shard=-1, moe=MoeConfig(ep=4, mlp_only_layers=(1,))
+        ),
     ],
-    ids=["redundant", "optimizer-sharded", "deduplicated"],
+    ids=["redundant", "optimizer-sharded", "deduplicated", "moe"],
 )
 def test_only_model_weight_bytes_are_read_once_each(run: GeneratorConfig, tmp_path: Path) -> None:
     generated = generate(run, tmp_path / "training")
@@ -104,7 +163,8 @@ def test_only_model_weight_bytes_are_read_once_each(run: GeneratorConfig, tmp_pa
         overlapping = [kind for b, e, kind in tensors[path] if b < end and start < e]
         assert overlapping == [KeyKind.PARAMETER], (path.name, start, end)
     itemsize = 4 if run.dtype == "fp32" else 2
-    model_bytes = sum(math.prod(p.shape) for p in model_spec(run).params) * itemsize
+    weights = [p for p in model_spec(run).params if not p.training_only]  # fi_accu is not read
+    model_bytes = sum(math.prod(p.shape) for p in weights) * itemsize
     read = sum(end - start for _, start, end in report.read_ranges)
     assert read == model_bytes == report.bytes_read
     saved = sum(

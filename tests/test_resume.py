@@ -48,8 +48,18 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 def _kill_after(out: Path, finished: int) -> int:
     """Start ``ms2hf convert`` and SIGKILL it once ``finished`` shards have their final names;
     the process's return code (-SIGKILL when it was still running)."""
-    argv = [sys.executable, "-m", "ms2hf.cli", "convert", str(SOURCE), str(out), "-q",
-            *ONE_TENSOR_PER_FILE, "--workers", "2"]
+    argv = [
+        sys.executable,
+        "-m",
+        "ms2hf.cli",
+        "convert",
+        str(SOURCE),
+        str(out),
+        "-q",
+        *ONE_TENSOR_PER_FILE,
+        "--workers",
+        "2",
+    ]
     proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while proc.poll() is None and time.monotonic() < deadline:
@@ -80,7 +90,7 @@ def test_killed_at_random_moments_then_rerun_gives_the_clean_bytes(
 ) -> None:
     out = tmp_path / "hf"
     total = sum(1 for name in clean if name.endswith(".safetensors"))
-    moments = sorted(random.Random(20240611).sample(range(0, total - 6), 3))
+    moments = sorted(random.Random(20240611).sample(range(total - 6), 3))
     kept: dict[str, tuple[int, int]] = {}
     killed_midway = 0
     for moment in moments:
@@ -122,17 +132,25 @@ def test_a_damaged_finished_shard_is_rewritten(
 def test_leftover_partial_files_are_removed(tmp_path: Path, clean: dict[str, bytes]) -> None:
     out = tmp_path / "hf"
     assert convert(out, *ONE_TENSOR_PER_FILE) == 0
-    for name in (".model-00002-of-00047.safetensors.ms2hf-partial", f".{RUN_RECORD}.ms2hf-partial",
-                 ".model.safetensors.index.json.ms2hf-partial"):
+    for name in (
+        ".model-00002-of-00047.safetensors.ms2hf-partial",
+        f".{RUN_RECORD}.ms2hf-partial",
+        ".model.safetensors.index.json.ms2hf-partial",
+    ):
         (out / name).write_bytes(b"left by a killed run")
     assert convert(out, *ONE_TENSOR_PER_FILE) == 0
     assert every_file(out) == clean
 
 
-def test_same_bytes_for_any_worker_count_and_budget(tmp_path: Path, clean: dict[str, bytes]) -> None:
+def test_same_bytes_for_any_worker_count_and_budget(
+    tmp_path: Path, clean: dict[str, bytes]
+) -> None:
     for workers, budget in (("2", "1MiB"), ("3", "64MiB")):
         out = tmp_path / f"w{workers}"
-        assert convert(out, "--max-shard-size", "1", "--memory-budget", budget, "--workers", workers) == 0
+        assert (
+            convert(out, "--max-shard-size", "1", "--memory-budget", budget, "--workers", workers)
+            == 0
+        )
         assert every_file(out) == clean
 
 

@@ -26,8 +26,13 @@ from ms2hf.generator import checkpoint as generator_checkpoint  # noqa: E402
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES  # noqa: E402
 
 SIZES = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
 )
 ATTENTION = "eager"
 
@@ -36,8 +41,13 @@ def original_model(tied: bool, path: Path) -> torch.nn.Module:
     """A seeded random Qwen3, norms perturbed so that a swapped norm would show, saved to ``path``
     by transformers (its config.json has the rope settings in ``rope_parameters`` only)."""
     config = transformers.Qwen3Config(
-        **SIZES, tie_word_embeddings=tied, rms_norm_eps=1e-5, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
+        **SIZES,
+        tie_word_embeddings=tied,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
     )
     torch.manual_seed(1234)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)
@@ -49,9 +59,13 @@ def original_model(tied: bool, path: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def write_training_output(model: torch.nn.Module, tied: bool, out: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The project's generator, TP2 x PP2, with the model's tensors in place of its seeded draws
-    (the generator builds every MindSpore parameter from Hugging Face tensors it draws by name)."""
+def write_training_output(
+    model: torch.nn.Module, tied: bool, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The project's generator, TP2 x PP2, with the model's tensors in place of its seeded draws.
+
+    The generator builds every MindSpore parameter from Hugging Face tensors it draws by name;
+    ``generate`` takes no given tensors yet, so that per-name draw is what is replaced here."""
     state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
 
     def given(seed: int, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -60,9 +74,17 @@ def write_training_output(model: torch.nn.Module, tied: bool, out: Path, monkeyp
 
     monkeypatch.setattr(generator_checkpoint, "_random", given)
     config = GeneratorConfig(
-        layers=SIZES["num_hidden_layers"], hidden=SIZES["hidden_size"], heads=SIZES["num_attention_heads"],
-        groups=SIZES["num_key_value_heads"], head_dim=SIZES["head_dim"], ffn=SIZES["intermediate_size"],
-        vocab=SIZES["vocab_size"], tied=tied, dtype="fp32", tp=2, pp=2,
+        layers=SIZES["num_hidden_layers"],
+        hidden=SIZES["hidden_size"],
+        heads=SIZES["num_attention_heads"],
+        groups=SIZES["num_key_value_heads"],
+        head_dim=SIZES["head_dim"],
+        ffn=SIZES["intermediate_size"],
+        vocab=SIZES["vocab_size"],
+        tied=tied,
+        dtype="fp32",
+        tp=2,
+        pp=2,
     )
     return generate(config, out).root
 
@@ -100,7 +122,11 @@ def test_logits_survive_the_round_trip(
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         out = tmp_path / f"hf_{dtype}"
         ms2hf.convert(
-            training, out, dtype=dtype, progress=False, reference_config=tmp_path / "original" / "config.json"
+            training,
+            out,
+            dtype=dtype,
+            progress=False,
+            reference_config=tmp_path / "original" / "config.json",
         )
         transformers_warnings.clear()
         loaded = transformers.AutoModelForCausalLM.from_pretrained(
@@ -118,7 +144,9 @@ def test_logits_survive_the_round_trip(
             want = reference(input_ids).logits
             got = loaded(input_ids).logits
         assert got.dtype == torch_dtype
-        assert torch.equal(got, want), f"{dtype}: max diff {(got.float() - want.float()).abs().max()}"
+        assert torch.equal(got, want), (
+            f"{dtype}: max diff {(got.float() - want.float()).abs().max()}"
+        )
         assert want.float().std() > 0
 
 
@@ -136,10 +164,18 @@ def test_every_fixture_loads_with_no_warning_and_no_missing_field(
     config_class = transformers.AutoConfig.for_model(written["model_type"]).__class__
     assert set(config_class.__annotations__) - set(written) <= OPTIONAL_FIELDS
     transformers_warnings.clear()
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=ATTENTION)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation=ATTENTION
+    )
     assert transformers_warnings == []
     assert model.dtype == torch.bfloat16
     assert type(model).__name__ == written["architectures"][0]
-    for key in ("hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "rms_norm_eps"):
+    for key in (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+    ):
         assert getattr(model.config, key) == written[key], key
     assert model.config.rope_parameters["rope_theta"] == written["rope_theta"]

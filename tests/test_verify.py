@@ -13,7 +13,7 @@ import pytest
 
 from ms2hf.cli import main
 from ms2hf.pipeline.output_dir import RUN_RECORD
-from tests.conftest import DATA, DENSE_FIXTURES
+from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES
 from tests.edit_checkpoint import edit_header
 
 INDEX = "model.safetensors.index.json"
@@ -27,7 +27,9 @@ def verify(capsys: pytest.CaptureFixture[str], folder: Path, *extra: object) -> 
 @pytest.fixture
 def hf(tmp_path: Path) -> Path:
     out = tmp_path / "hf"
-    assert main(["convert", str(DATA / "tiny_fp32"), str(out), "-q", "--max-shard-size", "300KB"]) == 0
+    assert (
+        main(["convert", str(DATA / "tiny_fp32"), str(out), "-q", "--max-shard-size", "300KB"]) == 0
+    )
     return out
 
 
@@ -37,8 +39,10 @@ def _flip_last_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("name", DENSE_FIXTURES)
-@pytest.mark.parametrize("dtype", ["bf16", "source"])
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [*((n, "bf16") for n in [*DENSE_FIXTURES, *MOE_FIXTURES]), ("tiny_bf16_dedup", "source")],
+)
 def test_a_conversion_verifies_against_its_source(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, dtype: str
 ) -> None:
@@ -86,31 +90,47 @@ def test_index_problems_are_each_reported(hf: Path, capsys: pytest.CaptureFixtur
         del index["weight_map"]["model.layers.0.input_layernorm.weight"]
 
     _edit_json(hf / INDEX, damage)
-    (hf / "model-00009-of-00009.safetensors").write_bytes((hf / "model-00001-of-00005.safetensors").read_bytes())
+    (hf / "model-00009-of-00009.safetensors").write_bytes(
+        (hf / "model-00001-of-00005.safetensors").read_bytes()
+    )
     code, text = verify(capsys, hf)
     assert code == 1
     assert "total_size is 1248002, the tensors hold 1248000 bytes" in text
-    assert "holds model.norm.weight, which the index places in model-00001-of-00005.safetensors" in text
+    assert (
+        "holds model.norm.weight, which the index places in model-00001-of-00005.safetensors"
+        in text
+    )
     assert "holds model.layers.0.input_layernorm.weight, which the index does not list" in text
     assert "model-00009-of-00009.safetensors: a shard the index does not name" in text
 
 
-def test_a_corrupt_header_is_reported_with_the_rest(hf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_corrupt_header_is_reported_with_the_rest(
+    hf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     shard = hf / "model-00004-of-00005.safetensors"
     edit_header(shard, lambda h: h[next(k for k in h if k != "__metadata__")].update(dtype="F99"))
     code, text = verify(capsys, hf)
     assert code == 1 and f"{shard}: tensor" in text and "unknown dtype 'F99'" in text
 
 
-def test_shapes_are_checked_against_config_json(hf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shapes_are_checked_against_config_json(
+    hf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _edit_json(hf / "config.json", lambda c: c.update(num_key_value_heads=4, num_hidden_layers=5))
     code, text = verify(capsys, hf)
     assert code == 1
-    assert "model.layers.0.self_attn.k_proj.weight has shape [64, 128], config.json implies [128, 128]" in text
-    assert "model.layers.4.input_layernorm.weight: config.json implies it, the folder lacks it" in text
+    assert (
+        "model.layers.0.self_attn.k_proj.weight has shape [64, 128], config.json implies [128, 128]"
+        in text
+    )
+    assert (
+        "model.layers.4.input_layernorm.weight: config.json implies it, the folder lacks it" in text
+    )
 
 
-def test_an_unknown_model_type_cannot_be_shape_checked(hf: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_unknown_model_type_cannot_be_shape_checked(
+    hf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _edit_json(hf / "config.json", lambda c: c.update(model_type="llama"))
     code, text = verify(capsys, hf)
     assert code == 1 and "model_type 'llama' has no shape rules" in text

@@ -23,9 +23,9 @@ import numpy as np
 import yaml
 
 from ms2hf.errors import Ms2hfError
-from ms2hf.generator import qwen3
 from ms2hf.generator.config import GeneratorConfig
-from ms2hf.generator.layouts import SAVED_STATES, PlacedParam, place, savers
+from ms2hf.generator.layouts import PlacedParam, place, savers
+from ms2hf.generator.models import model_spec
 from ms2hf.generator.params import ModelSpec
 from ms2hf.generator.strategy_file import encode_stage
 from ms2hf.io.dtypes import to_numpy
@@ -138,11 +138,18 @@ def _write_rows(
         offset += data.nbytes
 
 
+def _param_dtype(p: PlacedParam, config: GeneratorConfig) -> str:
+    return p.spec.dtype or config.source_dtype
+
+
 def _build_param(
     p: PlacedParam, outputs: Sequence[OutputTensor], config: GeneratorConfig, expected: ShardWriter
 ) -> np.ndarray:
-    """A full parameter, made of the Hugging Face tensors drawn for it (written as they go)."""
-    dtype = to_numpy(config.source_dtype)
+    """A full parameter, made of the Hugging Face tensors drawn for it (written as they go);
+    a training statistic, of which no Hugging Face tensor is made, is drawn whole."""
+    dtype = to_numpy(_param_dtype(p, config))
+    if p.spec.training_only:
+        return _random(config.seed, p.spec.name, p.spec.shape, dtype)
     full = np.empty(p.spec.shape, dtype)
     matrix = full.reshape(p.spec.shape[0], -1)
     same_pieces: dict[tuple[Piece, ...], list[OutputTensor]] = {}
@@ -172,9 +179,9 @@ def _rank_entries(
 ) -> list[TensorEntry]:
     entries = [TensorEntry(name, tag, value.shape) for name, (tag, value) in scalars.items()]
     for p in params:
-        for prefix in ("", *SAVED_STATES):
+        for prefix in p.saved_prefixes:
             if local in saved[prefix + p.spec.name]:
-                dtype = ADAM_STATE if prefix else config.source_dtype
+                dtype = ADAM_STATE if prefix else _param_dtype(p, config)
                 entries.append(TensorEntry(prefix + p.spec.name, dtype, p.slice_shape))
     return entries
 
@@ -188,7 +195,7 @@ def _write_slices(
     """One parameter's slices and Adam states, into the rank files of its stage that save them."""
     for local, writer in enumerate(writers):
         region = full[p.region(local)]
-        for prefix in ("", *SAVED_STATES):
+        for prefix in p.saved_prefixes:
             if local in saved[prefix + p.spec.name]:
                 transform = _adam_state(prefix) if prefix else None
                 _write_rows(writer, prefix + p.spec.name, region, transform)
@@ -248,6 +255,7 @@ def _write_small_files(
             "data_parallel": config.dp,
             "model_parallel": config.tp,
             "pipeline_stage": config.pp,
+            **({"expert_parallel": config.moe.ep} if config.moe else {}),
         },
         "parallel": {
             "enable_parallel_optimizer": bool(config.opt_shard),
@@ -263,7 +271,7 @@ def generate(config: GeneratorConfig, out_dir: str | os.PathLike[str]) -> Genera
     (``checkpoint/``, ``strategy/``), with ``expected/`` and ``train.yaml`` beside them.
     Files of an earlier run with the same names are replaced; nothing else is touched."""
     root = Path(out_dir)
-    model = qwen3.model_spec(config)
+    model = model_spec(config)
     placed = [place(p, config.opt_shard) for p in model.params]
     stages = [[p for p in placed if p.spec.stage == s] for s in range(config.pp)]
     per_stage = config.devices_per_stage

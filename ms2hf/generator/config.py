@@ -5,10 +5,50 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ms2hf.errors import Ms2hfError
+from ms2hf.transforms.qwen3_moe import dense_layers
 
 SOURCE_DTYPES = {"fp32": "F32", "bf16": "BF16"}
 """``params_dtype`` of the training run -> the safetensors dtype of its saved parameters."""
 COUNTS = ("layers", "hidden", "heads", "groups", "head_dim", "ffn", "vocab", "tp", "dp", "pp")
+MOE_COUNTS = ("experts", "moe_ffn", "top_k", "ep", "decoder_sparse_step")
+
+
+def _require_counts(owner: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(owner, name) < 1:
+            raise Ms2hfError(
+                f"{type(owner).__name__}.{name} = {getattr(owner, name)}: must be >= 1"
+            )
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """What makes the model a Qwen3-MoE: its experts, how training split them, and which
+    layers keep a dense MLP (Hugging Face's ``mlp_only_layers`` / ``decoder_sparse_step`` rule).
+    Defaults are the genuine MoE fixture's, without expert parallelism."""
+
+    experts: int = 8
+    moe_ffn: int = 32
+    """Each expert's ``moe_intermediate_size``."""
+    top_k: int = 2
+    """``num_experts_per_tok``: routing only, not in the weights."""
+    ep: int = 1
+    """Expert parallelism: each rank of a stage holds ``experts / ep`` whole experts."""
+    mlp_only_layers: tuple[int, ...] = ()
+    decoder_sparse_step: int = 1
+
+    def __post_init__(self) -> None:
+        _require_counts(self, MOE_COUNTS)
+        if self.top_k > self.experts:
+            raise Ms2hfError(
+                f"MoeConfig.top_k = {self.top_k}: a token cannot pick more than the "
+                f"{self.experts} experts"
+            )
+        if self.experts % self.ep:
+            raise Ms2hfError(
+                f"MoeConfig.experts = {self.experts} cannot be split into whole experts over "
+                f"ep = {self.ep} ranks"
+            )
 
 
 @dataclass(frozen=True)
@@ -40,11 +80,11 @@ class GeneratorConfig:
     seed: int = 0
     prefix: str = "qwen3"
     step: int = 1000
+    moe: MoeConfig | None = None
+    """None: dense Qwen3."""
 
     def __post_init__(self) -> None:
-        for name in COUNTS:
-            if getattr(self, name) < 1:
-                raise Ms2hfError(f"GeneratorConfig.{name} = {getattr(self, name)}: must be >= 1")
+        _require_counts(self, COUNTS)
         if self.dtype not in SOURCE_DTYPES:
             raise Ms2hfError(
                 f"GeneratorConfig.dtype = {self.dtype!r}: expected one of "
@@ -66,6 +106,35 @@ class GeneratorConfig:
             )
         if self.seed < 0:
             raise Ms2hfError(f"GeneratorConfig.seed = {self.seed}: must be >= 0")
+        if self.moe is not None:
+            self._check_moe(self.moe)
+
+    def _check_moe(self, moe: MoeConfig) -> None:
+        """Experts are laid out over all of a stage's devices, ``ep`` of them per expert group;
+        and a model with no MoE layer is dense Qwen3, not a Qwen3-MoE."""
+        if self.devices_per_stage % moe.ep:
+            raise Ms2hfError(
+                f"MoeConfig.ep = {moe.ep} does not divide the {self.devices_per_stage} devices "
+                f"of a stage (dp {self.dp} x tp {self.tp})"
+            )
+        outside = [i for i in moe.mlp_only_layers if not 0 <= i < self.layers]
+        if outside:
+            raise Ms2hfError(
+                f"MoeConfig.mlp_only_layers {list(moe.mlp_only_layers)}: layers {outside} do not "
+                f"exist in a {self.layers}-layer model"
+            )
+        if len(self.dense_layers) == self.layers:
+            raise Ms2hfError(
+                f"MoeConfig.mlp_only_layers {list(moe.mlp_only_layers)} with "
+                f"decoder_sparse_step {moe.decoder_sparse_step} leave no layer with experts"
+            )
+
+    @property
+    def dense_layers(self) -> frozenset[int]:
+        """The layers with a dense MLP: all of them without experts."""
+        if self.moe is None:
+            return frozenset(range(self.layers))
+        return dense_layers(self.moe.decoder_sparse_step, self.moe.mlp_only_layers, self.layers)
 
     @property
     def devices_per_stage(self) -> int:

@@ -17,10 +17,9 @@ from ms2hf.io.strategy import Layout
 from ms2hf.pipeline.placement import block_coords, grid, holders
 
 SAVED_STATES = ("adam_m.", "adam_v.")
+"""A trained weight's optimizer states, saved beside it in every rank file that saves it."""
 ACCUMULATORS = "accu_grads."
-LAYOUT_PREFIXES = (ACCUMULATORS, *SAVED_STATES)
-"""Every parameter's strategy layout is repeated under these names, in this order. Only the
-Adam states are saved; gradient accumulators exist in the strategy alone."""
+"""Gradient accumulators: in the strategy files only, never saved."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +28,11 @@ class PlacedParam:
     layout: Layout
     """As the strategy file states it, optimizer sharding included."""
     slice_shape: tuple[int, ...]
+
+    @property
+    def saved_prefixes(self) -> tuple[str, ...]:
+        """Its keys in a rank file, as prefixes of its name: itself, then any Adam states."""
+        return ("",) if self.spec.training_only else ("", *SAVED_STATES)
 
     @property
     def splits(self) -> tuple[int, ...]:
@@ -48,10 +52,10 @@ def _replica_group(layout: Layout, ndim: int) -> tuple[int, ...]:
 
 
 def place(spec: ParamSpec, opt_shard: int) -> PlacedParam:
-    """Fix a parameter's layout. The optimizer shards a parameter over its replica group when
-    the group divides into ``opt_shard``-sized parts and dim 0 of its slice into as many chunks;
-    otherwise the parameter stays unsharded (step and size 0). The fixtures do not show what
-    MindSpore writes for such a parameter; any reader takes 0 as unsharded."""
+    """Fix a parameter's layout. The optimizer shards a trained parameter over its replica group
+    when the group divides into ``opt_shard``-sized parts and dim 0 of its slice into as many
+    chunks; otherwise the parameter stays unsharded (step and size 0). The fixtures do not show
+    what MindSpore writes for such a parameter; any reader takes 0 as unsharded."""
     ndim = len(spec.shape)
     stored = list(spec.tensor_map)
     while stored and not stored[-1]:  # as a reader keeps them: trailing empty entries dropped
@@ -68,11 +72,22 @@ def place(spec: ParamSpec, opt_shard: int) -> PlacedParam:
     group = _replica_group(base, ndim)
     chunks = opt_shard if opt_shard > 0 else len(group)
     even = chunks > 1 and len(group) % chunks == 0 and (spec.shape[0] // parts[0]) % chunks == 0
-    if opt_shard and even:
+    if opt_shard and even and not spec.training_only:
         step = (group[-1] - group[0]) // (len(group) - 1)
         layout = replace(base, opt_shard_step=step, opt_shard_size=opt_shard)
     slice_shape = tuple(d // p for d, p in zip(spec.shape, grid(layout, ndim).parts))
     return PlacedParam(spec, layout, slice_shape)
+
+
+def strategy_keys(params: Sequence[PlacedParam]) -> list[tuple[str, PlacedParam]]:
+    """Every layout entry of a stage's strategy file, in MindSpore's order (the genuine
+    fixtures'): the weights in network order, their gradient accumulators, the training-only
+    statistics, then the weights' Adam states."""
+    weights = [p for p in params if not p.spec.training_only]
+    statistics = [p for p in params if p.spec.training_only]
+    groups = [("", weights), (ACCUMULATORS, weights), ("", statistics)]
+    groups += [(state, weights) for state in SAVED_STATES]
+    return [(prefix + p.spec.name, p) for prefix, group in groups for p in group]
 
 
 def savers(params: Sequence[PlacedParam], remove_redundancy: bool) -> dict[str, frozenset[int]]:
@@ -84,7 +99,7 @@ def savers(params: Sequence[PlacedParam], remove_redundancy: bool) -> dict[str, 
     genuine ``tiny_bf16_dedup`` fixture, in which a norm and its Adam states may land on
     different ranks. A group here is the set of ranks physically holding one block.
     """
-    by_key = {prefix + p.spec.name: p for p in params for prefix in ("", *LAYOUT_PREFIXES)}
+    by_key = dict(strategy_keys(params))
     turns: Counter[tuple[int, ...]] = Counter()
     out: dict[str, frozenset[int]] = {}
     for key in sorted(by_key):

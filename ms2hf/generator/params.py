@@ -3,7 +3,7 @@ layout MindSpore writes for it, plus what to say about the model in config files
 
 A family lists its parameters; everything else (optimizer sharding, which rank saves what,
 strategy and rank files, the expected Hugging Face tensors through ``ms2hf.transforms``) follows
-generically. Adding Qwen3-MoE means writing one more ``model_spec`` function, nothing else.
+generically. Each family is one ``model_spec`` function (``qwen3``, ``qwen3_moe``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ class ParamSpec:
     (axes counted from the right, -1 for none) and an extra empty one for a 1-D tensor."""
     node: str
     """The op owning the parameter, as strategy files name it after the network prefix."""
+    training_only: bool = False
+    """A statistic of training, not a weight (``mlp.router.fi_accu``): the optimizer never sees
+    it (no Adam states, no gradient accumulator, never optimizer-sharded) and no Hugging Face
+    tensor is made of it, so the generator fills it with random values."""
+    dtype: str | None = None
+    """Its own safetensors dtype when the network fixes one; None: the run's ``params_dtype``."""
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,15 @@ dim 0 over tp, row-parallel weights dim 1; norms are replicated. Layers are spli
 pipeline stages, with the embedding on the first and the final norm and output layer on the last;
 a tied model has no output layer at all. How fused weights are laid out inside a tensor is not
 here: the expected Hugging Face tensors are scattered into these through ``ms2hf.transforms``.
+
+Qwen3-MoE differs only in a layer's MLP, so the network around it is built here for both, with
+the MLP passed in.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from ms2hf.generator.config import GeneratorConfig
 from ms2hf.generator.params import ModelSpec, ParamSpec
@@ -19,62 +25,75 @@ TensorMap = tuple[tuple[int, ...], ...]
 Op = tuple[str, str]
 """The owning cell's class and the call that uses the weight, for the strategy's node names."""
 
-NETWORK = (
-    "Default/network-MFPipelineWithLossScaleCell/network-PipelineCellWithTwoOutput/"
-    "network-TrainingQwen3ForCausalLM"
-)
+NETWORK_PREFIX = "Default/network-MFPipelineWithLossScaleCell/network-PipelineCellWithTwoOutput/"
+NETWORK = NETWORK_PREFIX + "network-TrainingQwen3ForCausalLM"
 TP_AXIS = 0
 """tp is the last axis of ``[dp, cp, tp]``; tensor maps count axes from the right."""
 COLUMN: TensorMap = ((TP_AXIS,), (NOT_SPLIT,))
 ROW: TensorMap = ((NOT_SPLIT,), (TP_AXIS,))
 NORM: TensorMap = ((NOT_SPLIT,), ())
 
-_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 _EMBEDDING_OP: Op = ("VocabParallelEmbedding", "embedding_morph[1]")
 _NORM_OP: Op = ("FusedRMSNorm", "norm[1]")
 _COLUMN_OP: Op = ("ColumnParallelLinear", "morphed_forward[1]")
 _ROW_OP: Op = ("RowParallelLinear", "morphed_forward[1]")
 
+MlpParams = Callable[[GeneratorConfig, int, int], list[ParamSpec]]
+"""Layer ``i``'s MLP parameters on pipeline stage ``s``: ``mlp(config, i, s)``."""
 
-def _layer(c: GeneratorConfig, i: int) -> list[tuple[str, tuple[int, ...], TensorMap, Op]]:
-    """One decoder layer's parameters in network order: (name, shape, tensor map, op)."""
+
+def node(name: str, op: Op) -> str:
+    """The op's node: the owning cell's path (the name without its last part) and the call."""
+    module, call = op
+    return f"model-{name.rsplit('.', 1)[0].replace('.', '-')}-{module}/{call}"
+
+
+def dense_param(
+    c: GeneratorConfig, stage: int, name: str, shape: tuple[int, ...], tensor_map: TensorMap, op: Op
+) -> ParamSpec:
+    """A parameter on the ``[dp, cp, tp]`` device matrix of embedding, attention and dense MLP."""
+    return ParamSpec(name, shape, stage, (c.dp, 1, c.tp), tensor_map, node(name, op))
+
+
+def _attention(c: GeneratorConfig, i: int, stage: int) -> list[ParamSpec]:
+    """A layer's norms and attention, in network order (the MLP follows them)."""
     h, d = c.hidden, c.head_dim
     p = f"decoder.layers.{i}."
-    return [
+    weights = [
         (p + "input_layernorm.weight", (h,), NORM, _NORM_OP),
         (p + O_PROJ, (h, c.heads * d), ROW, _ROW_OP),
         (p + QKV, ((c.heads + 2 * c.groups) * d, h), COLUMN, _COLUMN_OP),
         (p + Q_NORM, (d,), NORM, _NORM_OP),
         (p + "self_attention.k_layernorm.weight", (d,), NORM, _NORM_OP),
         (p + "pre_mlp_layernorm.weight", (h,), NORM, _NORM_OP),
-        (p + FC1, (2 * c.ffn, h), COLUMN, _COLUMN_OP),
-        (p + "mlp.linear_fc2.weight", (h, c.ffn), ROW, _ROW_OP),
+    ]
+    return [dense_param(c, stage, *w) for w in weights]
+
+
+def dense_mlp(c: GeneratorConfig, i: int, stage: int) -> list[ParamSpec]:
+    p = f"decoder.layers.{i}."
+    return [
+        dense_param(c, stage, p + FC1, (2 * c.ffn, c.hidden), COLUMN, _COLUMN_OP),
+        dense_param(c, stage, p + "mlp.linear_fc2.weight", (c.hidden, c.ffn), ROW, _ROW_OP),
     ]
 
 
-def model_spec(c: GeneratorConfig) -> ModelSpec:
-    dev = (c.dp, 1, c.tp)
+def params(c: GeneratorConfig, mlp: MlpParams) -> tuple[ParamSpec, ...]:
+    """Every parameter in network order, layers spread evenly over the stages."""
     last = c.pp - 1
     per_stage = c.layers // c.pp
-
-    def param(
-        name: str, shape: tuple[int, ...], stage: int, tensor_map: TensorMap, op: Op
-    ) -> ParamSpec:
-        module, call = op
-        node = f"model-{name.removesuffix('.weight').replace('.', '-')}-{module}/{call}"
-        return ParamSpec(name, shape, stage, dev, tensor_map, node)
-
-    params = [param(EMBEDDING, (c.vocab, c.hidden), 0, COLUMN, _EMBEDDING_OP)]
+    out = [dense_param(c, 0, EMBEDDING, (c.vocab, c.hidden), COLUMN, _EMBEDDING_OP)]
     for i in range(c.layers):
-        params += [
-            param(name, shape, i // per_stage, tensor_map, op)
-            for name, shape, tensor_map, op in _layer(c, i)
-        ]
-    params.append(param(FINAL_NORM, (c.hidden,), last, NORM, _NORM_OP))
+        out += _attention(c, i, i // per_stage) + mlp(c, i, i // per_stage)
+    out.append(dense_param(c, last, FINAL_NORM, (c.hidden,), NORM, _NORM_OP))
     if not c.tied:
-        params.append(param(OUTPUT_LAYER, (c.vocab, c.hidden), last, COLUMN, _COLUMN_OP))
+        out.append(dense_param(c, last, OUTPUT_LAYER, (c.vocab, c.hidden), COLUMN, _COLUMN_OP))
+    return tuple(out)
 
-    sizes = {
+
+def _sizes(c: GeneratorConfig) -> dict[str, Any]:
+    return {
         "hidden_size": c.hidden,
         "intermediate_size": c.ffn,
         "num_hidden_layers": c.layers,
@@ -84,16 +103,32 @@ def model_spec(c: GeneratorConfig) -> ModelSpec:
         "vocab_size": c.vocab,
         "tie_word_embeddings": c.tied,
     }
-    hf_config = {
-        "architectures": ["Qwen3ForCausalLM"],
-        "model_type": "qwen3",
-        **sizes,
-        "torch_dtype": _DTYPE_NAMES[c.dtype],
+
+
+def hf_config(c: GeneratorConfig, architecture: str, model_type: str) -> dict[str, Any]:
+    """The entries every Qwen3 family's ``config.json`` has, in the fixtures' order."""
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        **_sizes(c),
+        "torch_dtype": DTYPE_NAMES[c.dtype],
     }
-    model_config = {
-        **sizes,
-        "params_dtype": _DTYPE_NAMES[c.dtype],
+
+
+def model_config(c: GeneratorConfig) -> dict[str, Any]:
+    """The training yaml's sizes and weight layout flags."""
+    return {
+        **_sizes(c),
+        "params_dtype": DTYPE_NAMES[c.dtype],
         "use_contiguous_weight_layout_attention": c.contiguous_qkv,
         "use_interleaved_weight_layout_mlp": c.interleaved_fc1,
     }
-    return ModelSpec(NETWORK, tuple(params), hf_config, model_config)
+
+
+def model_spec(c: GeneratorConfig) -> ModelSpec:
+    return ModelSpec(
+        NETWORK,
+        params(c, dense_mlp),
+        hf_config(c, "Qwen3ForCausalLM", "qwen3"),
+        model_config(c),
+    )

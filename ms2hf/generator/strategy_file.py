@@ -2,15 +2,15 @@
 
 Every rank of a stage writes the same bytes: one ``parallel_strategy_item`` per weight-owning op
 (input strategy ``[1, 1]``, then the weight's parts per dim), then one ``parallel_layout_item``
-per parameter, repeated for its gradient accumulator and Adam states, with every scalar field set
-explicitly. ``current_stage`` is a save counter, 1 after the first save, not the stage.
+per parameter and per gradient accumulator and Adam state of a trained one, in
+``strategy_keys`` order, with every scalar field set explicitly. ``current_stage`` is a save counter, 1 after the first save, not the stage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ms2hf.generator.layouts import LAYOUT_PREFIXES, PlacedParam
+from ms2hf.generator.layouts import PlacedParam, strategy_keys
 from ms2hf.io.strategy_proto import ParallelStrategyMap
 
 SAVE_COUNT = 1
@@ -24,15 +24,14 @@ def encode_stage(network: str, stage: int, params: Sequence[PlacedParam]) -> byt
         item.parallel_strategys.stage = stage
         item.parallel_strategys.parallel_strategy.add(dim=INPUT_STRATEGY)
         item.parallel_strategys.parallel_strategy.add(dim=p.splits)
-    for prefix in ("", *LAYOUT_PREFIXES):
-        for p in params:
-            layouts = msg.parallel_layout_item.add(param_name=prefix + p.spec.name).parallel_layouts
-            layouts.dev_matrix.add(dim=p.spec.dev_matrix)
-            for entry in p.spec.tensor_map:
-                layouts.tensor_map.add(dim=entry)
-            layouts.param_split_shape.add()
-            layouts.indices_offset.add()
-            layouts.field = 0
-            layouts.opt_weight_shard_step = p.layout.opt_shard_step
-            layouts.opt_weight_shard_size = p.layout.opt_shard_size
+    for key, p in strategy_keys(params):
+        layouts = msg.parallel_layout_item.add(param_name=key).parallel_layouts
+        layouts.dev_matrix.add(dim=p.spec.dev_matrix)
+        for entry in p.spec.tensor_map:
+            layouts.tensor_map.add(dim=entry)
+        layouts.param_split_shape.add()
+        layouts.indices_offset.add()
+        layouts.field = 0
+        layouts.opt_weight_shard_step = p.layout.opt_shard_step
+        layouts.opt_weight_shard_size = p.layout.opt_shard_size
     return msg.SerializeToString()

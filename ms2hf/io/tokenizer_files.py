@@ -2,8 +2,8 @@
 
 Training outputs carry no tokenizer, yet ``AutoTokenizer.from_pretrained`` and inference servers
 look for one beside the weights. These files are copied byte for byte from the folder the user
-names (usually the original Hugging Face model); ``config.json`` is never among them, since the
-run writes its own from the weights.
+names (usually the original Hugging Face model), each atomically after the shards;
+``config.json`` is never among them, since the run writes its own from the weights.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from ms2hf.errors import Ms2hfError
-from ms2hf.io.hf_output import copy_file
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -38,10 +37,3 @@ def find_tokenizer_files(folder: Path) -> list[Path]:
             "expected the original Hugging Face model's folder"
         )
     return found
-
-
-def copy_tokenizer_files(files: list[Path], out_dir: Path) -> list[str]:
-    """Copy ``files`` into ``out_dir``, each atomically; the names copied."""
-    for path in files:
-        copy_file(path, out_dir / path.name)
-    return [path.name for path in files]

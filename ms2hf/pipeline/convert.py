@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 

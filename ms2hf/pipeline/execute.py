@@ -93,7 +93,6 @@ class _Run:
         check: BandCheck | None,
     ) -> None:
         self.output = output
-        self.files = files
         self.layouts = layouts
         self.params = params
         self.budget = budget
@@ -161,7 +160,7 @@ class _Run:
         self.open.clear()
 
 
-def plan_fingerprint(
+def _fingerprint(
     files: Sequence[PlannedFile],
     params: Mapping[str, SourceParam],
     metadata: Mapping[str, str],
@@ -170,24 +169,26 @@ def plan_fingerprint(
     """What decides the bytes of a run: every output tensor's recipe, the source blocks it reads,
     and the identity (size, modification time) of every source file."""
     used = sorted({t.tensor.source for f in files for t in f.tensors})
-    paths = {b.path for name in used for b in params[name].blocks}
-    where = {p: p.resolve() for p in paths}
-    stats = {}
-    for p in paths:
+    where: dict[Path, str] = {}
+    stats: dict[str, list[int]] = {}
+    for path in {b.path for name in used for b in params[name].blocks}:
         try:
-            st = os.stat(p)
+            st = os.stat(path)
         except OSError as e:
-            raise FormatError(f"{p}: cannot read: {e.strerror or e}") from e
-        stats[str(where[p])] = [st.st_size, st.st_mtime_ns]
+            raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
+        where[path] = str(path.resolve())
+        stats[where[path]] = [st.st_size, st.st_mtime_ns]
     doc = {
         "metadata": dict(metadata),
         "check": repr(check),
-        "files": [[f.name, [[t.dtype, dataclasses.astuple(t.tensor)] for t in f.tensors]] for f in files],
+        "files": [
+            [f.name, [[t.dtype, dataclasses.astuple(t.tensor)] for t in f.tensors]] for f in files
+        ],
         "sources": {
             name: [
                 params[name].dtype,
                 params[name].shape,
-                [[str(where[b.path]), b.start, b.offsets, b.shape] for b in params[name].blocks],
+                [[where[b.path], b.start, b.offsets, b.shape] for b in params[name].blocks],
             ]
             for name in used
         },
@@ -213,7 +214,7 @@ def write_files(
     small files ``then`` in order, the index last; resume a killed run of the same plan; on
     failure, leave none of the files half-written."""
     layouts = {f.name: layout_shard([t.entry for t in f.tensors], metadata) for f in files}
-    fingerprint = plan_fingerprint(files, params, metadata, check)
+    fingerprint = _fingerprint(files, params, metadata, check)
     sizes = {name: layout.size for name, layout in layouts.items()}
     with claim_output_dir(out_dir, fingerprint, sizes, [s.name for s in then], overwrite) as output:
         pending = [f for f in files if f.name not in output.finished]

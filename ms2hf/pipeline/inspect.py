@@ -222,9 +222,6 @@ def inspect_source(
         _param_report(source.params[name], source, stage_of, ranks_per_stage)
         for name in sorted(source.params, key=order)
     )
-    dtypes: dict[str, int] = {}
-    for p in params:
-        dtypes[p.dtype] = dtypes.get(p.dtype, 0) + p.nbytes
     files = _file_reports(path, source)
     return InspectReport(
         path=path,
@@ -235,7 +232,7 @@ def inspect_source(
         remove_redundancy=source.remove_redundancy if kind == TRAINING else None,
         files=files,
         params=params,
-        dtypes=dtypes,
+        dtypes=_bytes_by_dtype(params),
         bytes=ByteCounts(
             weights=source.param_bytes,
             weights_saved=sum(_saved_bytes(p) for p in source.params.values()),
@@ -247,6 +244,13 @@ def inspect_source(
         model=model,
         output=output,
     )
+
+
+def _bytes_by_dtype(params: tuple[ParamReport, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for p in params:
+        out[p.dtype] = out.get(p.dtype, 0) + p.nbytes
+    return out
 
 
 def _natural(name: str) -> tuple[Any, ...]:
@@ -291,7 +295,7 @@ def _tokenizer_names(options: ConvertOptions) -> list[str]:
     return [p.name for p in find_tokenizer_files(options.tokenizer_dir)]
 
 
-_SHARD_INDEX = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
+_SHARD_NAME = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
 
 
 def _hf_files(path: Path) -> list[Path]:
@@ -302,7 +306,7 @@ def _hf_files(path: Path) -> list[Path]:
             return [path / name for name in sorted(set(weight_map.values()))]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise FormatError(f"{index}: not a valid safetensors index: {e}") from e
-    files = sorted(p for p in path.glob("*.safetensors") if _SHARD_INDEX.match(p.name))
+    files = sorted(p for p in path.glob("*.safetensors") if _SHARD_NAME.match(p.name))
     return files or sorted(path.glob("*.safetensors"))
 
 
@@ -323,16 +327,21 @@ def inspect_hf(path: Path) -> InspectReport:
     """A Hugging Face folder: its shards' tensors and its config.json."""
     headers = [SafetensorsHeader(p) for p in _hf_files(path)]
     params = tuple(
-        ParamReport(t.name, t.shape, t.dtype, t.nbytes, 0, (1,) * len(t.shape), 1, 1, 1)
+        ParamReport(
+            t.name,
+            t.shape,
+            t.dtype,
+            t.nbytes,
+            stage=0,
+            split=(1,) * len(t.shape),
+            optimizer_chunks=1,
+            replicas=1,
+            saved_copies=1,
+        )
         for h in headers
         for t in sorted(h.tensors.values(), key=lambda t: _natural(t.name))
     )
-    dtypes: dict[str, int] = {}
-    for p in params:
-        dtypes[p.dtype] = dtypes.get(p.dtype, 0) + p.nbytes
-    files = tuple(
-        FileReport(h.path.name, h.path.stat().st_size, len(h.tensors)) for h in headers
-    )
+    files = tuple(FileReport(h.path.name, h.path.stat().st_size, len(h.tensors)) for h in headers)
     config = _hf_config(path)
     model_type = config.get("model_type")
     weights = sum(p.nbytes for p in params)
@@ -345,7 +354,7 @@ def inspect_hf(path: Path) -> InspectReport:
         remove_redundancy=None,
         files=files,
         params=params,
-        dtypes=dtypes,
+        dtypes=_bytes_by_dtype(params),
         bytes=ByteCounts(weights, weights, 0, 0, sum(f.bytes for f in files)),
         scalars=(),
         model=ModelReport(

@@ -10,10 +10,11 @@ having checked rather than assumed what it reused.
 
 A non-empty folder without a record was not made by ms2hf and is refused unless ``overwrite``
 (checked first, before any planning); a folder recording a different plan is refused too when
-the run claims it, since replacing it would destroy a finished conversion. Even then only the files ms2hf names are touched: this run's and the previous
-run's. Each of them is either verified and kept, or removed before the first shard is written;
-in particular the small files written after the shards (config, and the index last) are, so no
-folder ever looks complete while it is not. The folder is locked for the life of the run: two runs never interleave in one folder.
+the run claims it, since replacing it would destroy a finished conversion. Even then only the
+files ms2hf names are touched, this run's and the previous run's: each is either verified and
+kept, or removed before the first shard is written. That includes the small files written after
+the shards (config, and the index last), so no folder ever looks complete while it is not. The
+folder is locked for the life of the run: two runs never interleave in one folder.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import fcntl
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from ms2hf.errors import Ms2hfError, OutputError
@@ -47,7 +48,6 @@ class OutputRun:
         shards: Mapping[str, int],
         then: Sequence[str],
         finished: dict[str, str],
-        lock_fd: int,
     ) -> None:
         self.folder = folder
         self.fingerprint = fingerprint
@@ -56,15 +56,14 @@ class OutputRun:
         self.finished = finished
         """Shard name -> digest, for every shard complete on disk (reused or written now)."""
         self._lock = threading.Lock()
-        self._lock_fd = lock_fd
 
     def record(self, name: str, digest: str) -> None:
         """Note a committed shard, so that a rerun after a kill can reuse it."""
         with self._lock:
             self.finished[name] = digest
-            self._save()
+            self.save()
 
-    def _save(self) -> None:
+    def save(self) -> None:
         write_json(
             self.folder / RUN_RECORD,
             {
@@ -76,27 +75,19 @@ class OutputRun:
             },
         )
 
-    def close(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)  # releases the lock
-            self._lock_fd = -1
-
-    def __enter__(self) -> OutputRun:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 def _lock(folder: Path) -> int:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot open the output folder: {e.strerror or e}") from e
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise OutputError(f"{folder}: another ms2hf run is writing into this folder") from None
+    except OSError:
+        pass  # a file system without locks (some network mounts): run without the guard
     return fd
 
 
@@ -107,7 +98,7 @@ def read_run_record(folder: Path) -> dict[str, Any] | None:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     valid = (
         isinstance(doc, dict)
@@ -168,17 +159,17 @@ def _unlink(path: Path) -> None:
         raise OutputError(f"{path}: cannot remove: {e.strerror or e}") from e
 
 
+@contextmanager
 def claim_output_dir(
     folder: Path,
     fingerprint: str,
     shards: Mapping[str, int],
     then: Sequence[str],
     overwrite: bool,
-) -> OutputRun:
+) -> Iterator[OutputRun]:
     """Make ``folder`` ready for a run writing ``shards`` (name -> size) and then the files
     ``then``; keep the shards a previous run of the same plan finished. ``folder`` must have
-    been accepted by ``prepare_output_dir``. Use as a context manager: the folder stays locked
-    until it exits."""
+    been accepted by ``prepare_output_dir``; it stays locked until the context exits."""
     lock_fd = _lock(folder)
     try:
         previous = read_run_record(folder)
@@ -190,19 +181,22 @@ def claim_output_dir(
                 if not previous
                 else "it holds the output of a different ms2hf run (other inputs or options)",
             )
-        earlier = [*previous.get("shards", {}), *previous.get("then", [])] if previous else []
-        finished = {
-            name: digest
-            for name, digest in (previous or {}).get("finished", {}).items()
-            if same and name in shards and _reusable(folder, name, shards[name], digest)
-        }
+        earlier = [*previous["shards"], *previous["then"]] if previous else []
+        finished = (
+            {
+                name: digest
+                for name, digest in previous["finished"].items()
+                if name in shards and _reusable(folder, name, shards[name], digest)
+            }
+            if same and previous
+            else {}
+        )
         for name in {*earlier, *shards, *then, RUN_RECORD}:
             _unlink(temporary_name(folder / name))
         for name in {*earlier, *shards, *then} - set(finished):
             _unlink(folder / name)
-        run = OutputRun(folder, fingerprint, shards, then, finished, lock_fd)
-        run._save()
-    except BaseException:
-        os.close(lock_fd)
-        raise
-    return run
+        run = OutputRun(folder, fingerprint, shards, then, finished)
+        run.save()
+        yield run
+    finally:
+        os.close(lock_fd)  # releases the lock

@@ -111,7 +111,9 @@ def _read_headers(
             header = SafetensorsHeader(folder / name)
         except FormatError as e:
             report.problems.append(
-                f"{name}: named by the index but missing" if not (folder / name).exists() else str(e)
+                f"{name}: named by the index but missing"
+                if not (folder / name).exists()
+                else str(e)
             )
             continue
         if header.metadata.get("format") != "pt":
@@ -147,13 +149,17 @@ def _check_index(
             report.problems.append(f"{HF_INDEX}: places {name} in {file}, which does not hold it")
     nbytes = sum(info.nbytes for _, info in found.values())
     if total is not None and total != nbytes:
-        report.problems.append(f"{HF_INDEX}: total_size is {total}, the tensors hold {nbytes} bytes")
+        report.problems.append(
+            f"{HF_INDEX}: total_size is {total}, the tensors hold {nbytes} bytes"
+        )
     report.files, report.tensors, report.nbytes = len(headers), len(found), nbytes
     report.checked.append("headers and index")
     return found
 
 
-def _check_shapes(folder: Path, found: Mapping[str, tuple[str, TensorInfo]], report: VerifyReport) -> None:
+def _check_shapes(
+    folder: Path, found: Mapping[str, tuple[str, TensorInfo]], report: VerifyReport
+) -> None:
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         if not isinstance(config, dict):
@@ -162,7 +168,7 @@ def _check_shapes(folder: Path, found: Mapping[str, tuple[str, TensorInfo]], rep
     except (OSError, ValueError, Ms2hfError) as e:
         report.problems.append(f"config.json: cannot check shapes against it ({e})")
         return
-    for name, shape in expected.required.items():
+    for name in expected.required:
         if name not in found:
             report.problems.append(f"{name}: config.json implies it, the folder lacks it")
     for name, (file, info) in found.items():
@@ -214,7 +220,9 @@ def _compare_tensor(
         nbytes = (r1 - r0) * row_bytes
         band = buffer[:nbytes].view(dtype).reshape(r1 - r0, tensor.row_elements)
         fill_rows(band, tensor, r0, param, mapped)
-        written = mapped.view(folder / file, info.start + r0 * row_bytes, np.dtype(np.uint8), (nbytes,))
+        written = mapped.view(
+            folder / file, info.start + r0 * row_bytes, np.dtype(np.uint8), (nbytes,)
+        )
         at = first_difference(buffer[:nbytes], written)
         if at is not None:
             row = r0 + at // row_bytes

@@ -2,8 +2,8 @@
 
 ``verify`` compares a folder with this, so that a checkpoint whose config and weights disagree
 (a layer missing, a wrong head count) is caught before a loader trips over it. One function per
-``model_type`` in ``EXPECTED``; a model adds its entry (Qwen3-MoE reuses the attention and norm
-tensors and brings its own MLP).
+``model_type`` in ``EXPECTED``; Qwen3-MoE reuses the attention and norm tensors and brings its
+own MLP, chosen per layer by Hugging Face's rule.
 """
 
 from __future__ import annotations
@@ -32,17 +32,41 @@ def config_int(config: Config, key: str, default: int | None = None) -> int:
     return value
 
 
-def dense_mlp(config: Config, prefix: str) -> Shapes:
-    h, f = config_int(config, "hidden_size"), config_int(config, "intermediate_size")
+def _mlp(prefix: str, hidden: int, ffn: int) -> Shapes:
     return {
-        prefix + "mlp.gate_proj.weight": (f, h),
-        prefix + "mlp.up_proj.weight": (f, h),
-        prefix + "mlp.down_proj.weight": (h, f),
+        prefix + "gate_proj.weight": (ffn, hidden),
+        prefix + "up_proj.weight": (ffn, hidden),
+        prefix + "down_proj.weight": (hidden, ffn),
     }
 
 
-MlpShapes = Callable[[Config, str], Shapes]
-"""A layer's MLP tensors, given the config and the layer's name prefix."""
+def dense_mlp(config: Config, layer: int) -> Shapes:
+    h, f = config_int(config, "hidden_size"), config_int(config, "intermediate_size")
+    return _mlp(f"model.layers.{layer}.mlp.", h, f)
+
+
+def moe_mlp(config: Config, layer: int) -> Shapes:
+    """Router and experts, unless Hugging Face's rule makes the layer dense: listed in
+    ``mlp_only_layers``, or ``layer + 1`` not a multiple of ``decoder_sparse_step``."""
+    step = config_int(config, "decoder_sparse_step", 1)
+    dense = config.get("mlp_only_layers") or []
+    if step == 0 or not isinstance(dense, list):
+        raise ModelError(
+            "config.json: decoder_sparse_step must be positive, mlp_only_layers a list"
+        )
+    if layer in dense or (layer + 1) % step:
+        return dense_mlp(config, layer)
+    h, e = config_int(config, "hidden_size"), config_int(config, "num_experts")
+    f = config_int(config, "moe_intermediate_size")
+    p = f"model.layers.{layer}.mlp."
+    shapes: Shapes = {p + "gate.weight": (e, h)}
+    for expert in range(e):
+        shapes |= _mlp(f"{p}experts.{expert}.", h, f)
+    return shapes
+
+
+MlpShapes = Callable[[Config, int], Shapes]
+"""A layer's MLP tensors, given the config and the layer number."""
 
 
 def qwen3_tensors(config: Config, mlp: MlpShapes = dense_mlp) -> ExpectedTensors:
@@ -63,14 +87,17 @@ def qwen3_tensors(config: Config, mlp: MlpShapes = dense_mlp) -> ExpectedTensors
             p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
         }
-        required |= mlp(config, p)
+        required |= mlp(config, i)
     head = {"lm_head.weight": (v, h)}
     if config.get("tie_word_embeddings", False):
         return ExpectedTensors(required, head)
     return ExpectedTensors(required | head, {})
 
 
-EXPECTED: dict[str, Callable[[Config], ExpectedTensors]] = {"qwen3": qwen3_tensors}
+EXPECTED: dict[str, Callable[[Config], ExpectedTensors]] = {
+    "qwen3": qwen3_tensors,
+    "qwen3_moe": lambda config: qwen3_tensors(config, moe_mlp),
+}
 
 
 def expected_tensors(config: Config) -> ExpectedTensors:

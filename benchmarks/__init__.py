@@ -1,0 +1,1 @@
+"""Benchmarks for ms2hf: ``python -m benchmarks.run`` (see ``benchmarks/run.py``)."""
