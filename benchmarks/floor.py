@@ -87,6 +87,7 @@ class _Writer:
     def _next_file(self) -> None:
         self._finish()
         path, self._left = next(self._files)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._position = 0
         self._behind = WriteBehind(self._fd) if self._write_behind else None

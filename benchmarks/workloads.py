@@ -12,6 +12,7 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def _stamp(config: GeneratorConfig) -> dict[str, object]:
     return {"generator_config": dataclasses.asdict(config)}
 
 
-def ensure(workload: Workload, cache: Path, log: callable = print) -> Path:
+def ensure(workload: Workload, cache: Path, log: Callable[[str], None] = print) -> Path:
     """The workload's training output folder under ``cache``, generated when missing or stale."""
     root = cache / "workloads" / workload.name
     stamp = root / STAMP

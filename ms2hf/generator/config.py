@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ms2hf.errors import Ms2hfError
-from ms2hf.transforms.qwen3_moe import dense_layers
+from ms2hf.transforms import qwen3_moe
 
 SOURCE_DTYPES = {"fp32": "F32", "bf16": "BF16"}
 """``params_dtype`` of the training run -> the safetensors dtype of its saved parameters."""
@@ -134,7 +134,8 @@ class GeneratorConfig:
         """The layers with a dense MLP: all of them without experts."""
         if self.moe is None:
             return frozenset(range(self.layers))
-        return dense_layers(self.moe.decoder_sparse_step, self.moe.mlp_only_layers, self.layers)
+        moe = self.moe
+        return qwen3_moe.dense_layers(moe.decoder_sparse_step, moe.mlp_only_layers, self.layers)
 
     @property
     def devices_per_stage(self) -> int:

@@ -3,7 +3,8 @@
 Every rank of a stage writes the same bytes: one ``parallel_strategy_item`` per weight-owning op
 (input strategy ``[1, 1]``, then the weight's parts per dim), then one ``parallel_layout_item``
 per parameter and per gradient accumulator and Adam state of a trained one, in
-``strategy_keys`` order, with every scalar field set explicitly. ``current_stage`` is a save counter, 1 after the first save, not the stage.
+``strategy_keys`` order, with every scalar field set explicitly. ``current_stage`` is a save
+counter, 1 after the first save, not the stage.
 """
 
 from __future__ import annotations

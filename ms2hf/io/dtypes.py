@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
@@ -28,6 +30,11 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
 def itemsize(dtype: str) -> int:
     return NUMPY_DTYPES[dtype].itemsize
+
+
+def nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor: what a safetensors header's data_offsets must span."""
+    return math.prod(shape) * itemsize(dtype)
 
 
 def to_numpy(dtype: str) -> np.dtype:

@@ -9,14 +9,13 @@ later, through ``ms2hf.io.mapped``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from ms2hf.errors import FormatError
-from ms2hf.io.dtypes import NUMPY_DTYPES, itemsize
+from ms2hf.io.dtypes import NUMPY_DTYPES, nbytes
 
 MAX_HEADER_BYTES = 100_000_000
 
@@ -66,7 +65,7 @@ def _parse_entry(path: Path, name: str, raw: object) -> tuple[str, tuple[int, ..
         or offsets[1] < offsets[0]
     ):
         raise bad(f"data_offsets {offsets!r} is not a pair [begin, end] with begin <= end")
-    expected = math.prod(shape) * itemsize(dtype)
+    expected = nbytes(dtype, shape)
     if offsets[1] - offsets[0] != expected:
         raise bad(
             f"shape {shape} of {dtype} needs {expected} bytes but data_offsets "

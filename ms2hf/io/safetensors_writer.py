@@ -20,7 +20,7 @@ import numpy as np
 
 from ms2hf.errors import OutputError
 from ms2hf.io import shard_digest
-from ms2hf.io.dtypes import itemsize, to_numpy
+from ms2hf.io.dtypes import itemsize, nbytes, to_numpy
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,7 @@ class TensorEntry:
 
     @property
     def nbytes(self) -> int:
-        n = itemsize(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,11 @@ every copy to make sure. It costs a read of all the replicas, which is why it is
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
 from ms2hf.errors import LayoutError
-from ms2hf.io.dtypes import itemsize
+from ms2hf.io.dtypes import nbytes as tensor_nbytes
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.pipeline.compare import first_difference
 from ms2hf.pipeline.source_plan import Block, SourceParam, SourcePlan
@@ -25,7 +24,7 @@ _BYTE = np.dtype(np.uint8)
 
 
 def _block_bytes(mapped: MappedFiles, param: SourceParam, block: Block) -> np.ndarray:
-    nbytes = math.prod(block.shape) * itemsize(param.dtype)
+    nbytes = tensor_nbytes(param.dtype, block.shape)
     return mapped.view(block.path, block.start, _BYTE, (nbytes,))
 
 

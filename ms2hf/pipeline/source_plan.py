@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ms2hf.errors import CoverageError, FormatError, LayoutError
-from ms2hf.io.dtypes import itemsize
+from ms2hf.io.dtypes import nbytes
 from ms2hf.io.rank_files import find_rank_dirs, select_step
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
 from ms2hf.io.strategy import Strategy, load_strategy
@@ -48,10 +48,7 @@ class SourceParam:
 
     @property
     def nbytes(self) -> int:
-        n = itemsize(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return nbytes(self.dtype, self.shape)
 
 
 def whole_param(path: Path, rank: int, info: TensorInfo) -> SourceParam:

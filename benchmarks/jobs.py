@@ -1,0 +1,126 @@
+"""What each benchmarked case runs, and the I/O its floor must match, planned with ms2hf's own
+planning code (headers and strategies only, nothing is read or converted here)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.floor import floor_plan
+from ms2hf.io.dtypes import itemsize
+from ms2hf.io.safetensors_writer import layout_shard
+from ms2hf.io.unified_format import METADATA as UNIFIED_METADATA
+from ms2hf.pipeline.convert import HF_METADATA, ConvertOptions, plan_hf_checkpoint
+from ms2hf.pipeline.merge import PART_SIZE, plan_unified_files
+from ms2hf.pipeline.source_plan import SourceParam, plan_source
+
+Range = tuple[str, int, int]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The I/O of converting one workload: the parameter bytes read, the files written."""
+
+    reads: tuple[Range, ...]
+    hf_sizes: tuple[int, ...]
+    """Shard files ``convert`` (and ``reverse``) write."""
+    unified_sizes: tuple[int, ...]
+    """Part files (and ``hyper_param``) ``merge`` writes."""
+    scalar_reads: tuple[Range, ...]
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(n for _, _, n in self.reads)
+
+    @property
+    def hf_bytes(self) -> int:
+        return sum(self.hf_sizes)
+
+    @property
+    def unified_bytes(self) -> int:
+        return sum(self.unified_sizes)
+
+
+def _ranges(params: Mapping[str, SourceParam]) -> list[Range]:
+    """Every block ``convert`` reads: one copy of each, as the source plan schedules them."""
+    out = []
+    for p in params.values():
+        for b in p.blocks:
+            n = itemsize(p.dtype)
+            for d in b.shape:
+                n *= d
+            out.append((str(b.path), b.start, n))
+    return sorted(out)
+
+
+def workload_shape(root: Path) -> Shape:
+    source = plan_source(root / "checkpoint", root / "strategy")
+    _, files = plan_hf_checkpoint(source, ConvertOptions(), {})
+    hf = tuple(layout_shard([t.entry for t in f.tensors], HF_METADATA).size for f in files)
+    parts, _ = plan_unified_files(source.params, source.scalars, PART_SIZE)
+    unified = tuple(layout_shard([t.entry for t in f.tensors], UNIFIED_METADATA).size for f in parts)
+    return Shape(
+        reads=tuple(_ranges(source.params)),
+        hf_sizes=hf,
+        unified_sizes=unified,
+        scalar_reads=tuple(_ranges(source.scalars)),
+    )
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def convert(root: Path, out: Path, *extra: str) -> list[str]:
+    return python("-m", "ms2hf.cli", "convert", str(root), str(out), "-q", *extra)
+
+
+def merge(root: Path, out: Path, *extra: str) -> list[str]:
+    return python(
+        "-m", "ms2hf.cli", "merge",
+        "--mindspore_ckpt_dir", str(root / "checkpoint"),
+        "--src_strategy_dirs", str(root / "strategy"),
+        "--output_dir", str(out), "-q", *extra,
+    )
+
+
+def unified_folder(merge_out: Path) -> Path:
+    """Where ``merge`` put the unified checkpoint (``{step}_ckpt_convert/unified_safe``)."""
+    found = sorted(merge_out.glob("*_ckpt_convert/unified_safe"))
+    if len(found) != 1:
+        raise RuntimeError(f"{merge_out}: expected one *_ckpt_convert/unified_safe, found {found}")
+    return found[0]
+
+
+def reverse(unified: Path, out: Path, *extra: str) -> list[str]:
+    return python(
+        "-m", "ms2hf.cli", "reverse", "--input_path", str(unified), "--output_path", str(out),
+        "-q", *extra,
+    )
+
+
+def floor(plan_file: Path, mode: str) -> list[str]:
+    return python("-m", "benchmarks.floor", str(plan_file), mode)
+
+
+def floor_plans(shape: Shape, scratch: Path) -> dict[str, dict]:
+    """The floors: ``convert`` (parameters in, shards out) and ``merge+reverse`` as its two
+    passes (parameters in, parts out; then the parts in, shards out). The second pass reads
+    the files the first one wrote, so it has the same page-cache state as ``reverse``."""
+    first = floor_plan(list(shape.reads + shape.scalar_reads), list(shape.unified_sizes), scratch / "floor-mid")
+    second = floor_plan(
+        [(path, 0, n) for path, n in first["writes"]], list(shape.hf_sizes), scratch / "floor-out"
+    )
+    return {
+        "convert": floor_plan(list(shape.reads), list(shape.hf_sizes), scratch / "floor-out"),
+        "merge": first,
+        "reverse": second,
+    }
+
+
+def clear(*folders: Path) -> None:
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)

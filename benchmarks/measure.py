@@ -1,0 +1,155 @@
+"""Running one command as a measured subprocess: wall time, CPU time, peak anonymous memory of its
+process tree, and, under ``memcap``, the peak memory of its cgroup.
+
+Anonymous memory is sampled from ``/proc/PID/status`` (``RssAnon``) of the command and all its
+descendants every ``SAMPLE_SECONDS``; mapped file pages (``RssFile``) are left out because they are
+page cache the kernel can drop, which is what a memory-capped host cares about. The sampler is a
+thread of the harness, not of the measured process, so it costs the command nothing but a few
+small file reads per sample.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SAMPLE_SECONDS = 0.01
+MEMCAP = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap"
+_MEMCAP_LINE = re.compile(r"memcap: peak=(\d+) limit=(\d+) oom=(\d) rc=(-?\d+)")
+
+
+@dataclass(frozen=True)
+class Measured:
+    seconds: float
+    cpu_seconds: float
+    """User + system time of the process tree (from ``wait4``, children included)."""
+    peak_anon_bytes: int
+    """Largest sampled sum of ``RssAnon`` over the process tree."""
+    peak_cgroup_bytes: int | None
+    """Peak memory of the ``memcap`` cgroup (page cache included); None when not capped."""
+    returncode: int
+    stderr: str
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found.extend(int(c) for c in f.read().split())
+    except OSError:
+        pass
+    return found
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        todo.extend(_children(p))
+    return pids
+
+
+class _Sampler:
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._stop = threading.Event()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, sum(_rss_anon(p) for p in _tree(self._pid)))
+            self._stop.wait(SAMPLE_SECONDS)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def memcap_available() -> str | None:
+    """None when ``memcap`` can cap a command here, else why not."""
+    if not MEMCAP.exists():
+        return f"{MEMCAP} not found"
+    probe = subprocess.run([str(MEMCAP), "64M", "--", "true"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else (probe.stderr.strip() or f"exit {probe.returncode}")
+
+
+def run(command: Sequence[str], memcap: str | None = None, env: Mapping[str, str] | None = None) -> Measured:
+    """Run ``command`` (under ``memcap LIMIT`` when given) and measure it; never raises on a
+    failing command: the caller decides what a non-zero status means."""
+    argv = [str(MEMCAP), memcap, "--", *command] if memcap else list(command)
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    sampler = _Sampler(process.pid)
+    stderr_parts: list[str] = []
+    reader = threading.Thread(target=lambda: stderr_parts.append(process.stderr.read()), daemon=True)
+    reader.start()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    peak_anon = sampler.stop()
+    reader.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    stderr = "".join(stderr_parts)
+    peak_cgroup = None
+    if memcap:
+        match = _MEMCAP_LINE.search(stderr)
+        peak_cgroup = int(match.group(1)) if match else None
+    return Measured(
+        seconds=seconds,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        peak_anon_bytes=peak_anon,
+        peak_cgroup_bytes=peak_cgroup,
+        returncode=process.returncode,
+        stderr=stderr,
+    )
+
+
+def sync() -> None:
+    """Write back everything dirty, so no earlier run's writes land inside the next one."""
+    os.sync()
+
+
+def drop_caches() -> str | None:
+    """Empty the page cache (needs root); None on success, else why it could not."""
+    sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        return f"cannot drop the page cache: {e.strerror or e}"
+    return None
+
+
+def warm(ranges: Sequence[tuple[str, int, int]], chunk: int = 16 * 2**20) -> None:
+    """Read ``(path, start, nbytes)`` ranges once, so that they are in the page cache."""
+    buffer = memoryview(bytearray(chunk))
+    for path, start, nbytes in sorted(ranges):
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            left = nbytes
+            while left > 0:
+                n = f.readinto(buffer[: min(chunk, left)])
+                if not n:
+                    break
+                left -= n

@@ -1,0 +1,172 @@
+"""The table and the five targets of the issue, from the measured runs."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from benchmarks.jobs import Shape
+
+SPEED_RATIO = 1.3
+FLAT = 1.15
+ANON_SLACK = 100_000_000
+"""Anonymous memory may exceed the budget by this much (the interpreter, numpy, the plan)."""
+BUDGET_BYTES = 256 * 2**20
+SCALING = ("S8", "S14", "W")
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Row:
+    workload: str
+    case: str
+    cache: str
+    runs: int
+    median_s: float
+    min_s: float
+    max_s: float
+    cpu_s: float
+    gb_per_s: float
+    """GB of model weights read from the training output, per second: the same numerator for
+    every case of a workload, so these compare as the times do."""
+    s_per_gb: float
+    peak_anon_bytes: int
+    peak_cgroup_bytes: int | None
+    other_load_cores: float
+    load_1min: float
+    ratio_to_floor: float | None = None
+
+    @classmethod
+    def of(cls, result, shape: Shape) -> Row:
+        seconds = [r["seconds"] for r in result.runs]
+        median = statistics.median(seconds)
+        gb = shape.read_bytes / 1e9
+        return cls(
+            workload=result.workload,
+            case=result.case,
+            cache=result.cache,
+            runs=len(seconds),
+            median_s=median,
+            min_s=min(seconds),
+            max_s=max(seconds),
+            cpu_s=result.median("cpu_seconds"),
+            gb_per_s=gb / median,
+            s_per_gb=median / gb,
+            peak_anon_bytes=result.peak("peak_anon_bytes"),
+            peak_cgroup_bytes=result.peak("peak_cgroup_bytes"),
+            other_load_cores=result.median("other_load_cores"),
+            load_1min=max(r["load_1min_at_start"] for r in result.runs),
+        )
+
+
+def _floor_of(row: Row) -> str:
+    return "(merge+reverse)" if "merge+reverse" in row.case else ""
+
+
+def _is_floor(row: Row) -> bool:
+    return row.case.startswith("floor")
+
+
+def with_ratios(rows: Sequence[Row]) -> list[Row]:
+    """Each row's time over the best floor of the same workload, I/O shape and cache state (memory
+    capped runs, which are warm, against the warm floor)."""
+    out = []
+    for row in rows:
+        floors = [
+            f.median_s
+            for f in rows
+            if _is_floor(f) and f.workload == row.workload and f.cache == row.cache
+            and f.case.endswith(_floor_of(row)) and (_floor_of(row) or "merge" not in f.case)
+        ]
+        out.append(replace(row, ratio_to_floor=row.median_s / min(floors) if floors else None))
+    return out
+
+
+def _find(rows: Iterable[Row], workload: str, case: str, cache: str = "warm") -> Row | None:
+    return next((r for r in rows if (r.workload, r.case, r.cache) == (workload, case, cache)), None)
+
+
+def _target(name: str, met: bool, detail: str) -> dict[str, object]:
+    return {"target": name, "met": bool(met), "detail": detail}
+
+
+def evaluate(
+    rows: Sequence[Row], checks: Mapping[str, bool], memory: Mapping[str, str] | None, cold_note: str | None
+) -> list[dict[str, object]]:
+    states = ["warm"] if cold_note else ["warm", "cold"]
+    targets = []
+    for workload in ("W", "W-dp2-opt"):
+        for state in states:
+            row = _find(rows, workload, "convert", state)
+            if row is not None and row.ratio_to_floor is not None:
+                targets.append(_target(
+                    f"1 speed: convert {workload} {state} within {SPEED_RATIO}x of the floor",
+                    row.ratio_to_floor <= SPEED_RATIO,
+                    f"{row.median_s:.2f} s = {row.ratio_to_floor:.2f}x floor",
+                ))
+    limit = BUDGET_BYTES + ANON_SLACK
+    for case, number in (("convert (memcap)", "2 memory"), ("merge+reverse (memcap)", "5 merge+reverse memory")):
+        row = _find(rows, "W", case)
+        if memory is None or row is None:
+            targets.append(_target(f"{number}: under memcap", False, "not measured (memcap unavailable)"))
+            continue
+        targets.append(_target(
+            f"{number}: {case.split(' ')[0]} W under memcap {memory['limit']} with --memory-budget "
+            f"{memory['budget']}, RssAnon <= budget + 100 MB",
+            row.peak_anon_bytes <= limit,
+            f"ran in {row.median_s:.2f} s; peak RssAnon {row.peak_anon_bytes / MIB:.0f} MiB "
+            f"(limit {limit / MIB:.0f} MiB); peak cgroup {row.peak_cgroup_bytes / MIB:.0f} MiB",
+        ))
+    scaling = [r for name in SCALING if (r := _find(rows, name, "convert")) is not None]
+    if len(scaling) == len(SCALING):
+        per_gb = [r.s_per_gb for r in scaling]
+        anon = [r.peak_anon_bytes for r in scaling]
+        targets.append(_target(
+            f"3 scaling: s/GB and peak RssAnon within {FLAT:.2f}x across three sizes",
+            max(per_gb) / min(per_gb) <= FLAT and max(anon) / min(anon) <= FLAT,
+            "s/GB " + ", ".join(f"{r.workload} {r.s_per_gb:.2f}" for r in scaling)
+            + f" (spread {max(per_gb) / min(per_gb):.2f}x); anon MiB "
+            + ", ".join(f"{a / MIB:.0f}" for a in anon) + f" (spread {max(anon) / min(anon):.2f}x)",
+        ))
+    one, two = _find(rows, "W", "convert --workers 1"), _find(rows, "W", "convert --workers 2")
+    if one and two:
+        targets.append(_target(
+            "4 workers: --workers 1 and 2 byte-identical",
+            checks.get("workers_identical", False),
+            f"speed-up {one.median_s / two.median_s:.2f}x ({one.median_s:.2f} s -> {two.median_s:.2f} s)",
+        ))
+    for state in states:
+        row = _find(rows, "W", "merge+reverse", state)
+        if row is not None and row.ratio_to_floor is not None:
+            targets.append(_target(
+                f"5 merge+reverse W {state} within {SPEED_RATIO}x of its floor",
+                row.ratio_to_floor <= SPEED_RATIO,
+                f"{row.median_s:.2f} s = {row.ratio_to_floor:.2f}x its floor",
+            ))
+    return targets
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / MIB:.0f}"
+
+
+def print_table(rows: Sequence[Row], targets: Sequence[Mapping[str, object]], checks: Mapping[str, bool]) -> None:
+    head = (
+        f"{'workload':10s} {'cache':5s} {'case':34s} {'median s':>8s} {'min-max s':>13s} "
+        f"{'cpu s':>6s} {'GB/s':>5s} {'x floor':>7s} {'anon MiB':>8s} {'cgroup MiB':>10s} {'other load':>10s}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        ratio = "-" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"
+        print(
+            f"{r.workload:10s} {r.cache:5s} {r.case:34s} {r.median_s:8.2f} "
+            f"{f'{r.min_s:.2f}-{r.max_s:.2f}':>13s} {r.cpu_s:6.2f} {r.gb_per_s:5.2f} {ratio:>7s} "
+            f"{_mib(r.peak_anon_bytes):>8s} {_mib(r.peak_cgroup_bytes):>10s} {r.other_load_cores:10.2f}"
+        )
+    print()
+    for name, ok in checks.items():
+        print(f"check {name}: {'yes' if ok else 'NO'}")
+    for t in targets:
+        print(f"[{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['detail']}")
