@@ -106,7 +106,7 @@ def add_check_replicas_option(p: argparse.ArgumentParser) -> None:
     """For commands reading a training output saved with redundancy."""
     p.add_argument(
         "--check-replicas", action="store_true",
-        help="read every copy of every block and require it to match the copy converted",
+        help="read every copy of every block and require it to match the copy used",
     )
 
 
@@ -235,6 +235,7 @@ def _add_merge(sub: argparse._SubParsersAction) -> Handler:
         help="split into ceil(total / SIZE) balanced part files (default: 3GiB, as MindSpore)",
     )
     add_output_options(p)
+    add_check_replicas_option(p)
     add_resource_options(p)
     _add_verbosity(p)
     return _run_merge

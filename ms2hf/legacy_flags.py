@@ -200,6 +200,7 @@ def merge_request(args: argparse.Namespace) -> MergeRequest:
         workers=legacy_workers(args.workers, args.max_process_num, "--max_process_num", notes),
         overwrite=args.overwrite,
         strict=args.strict,
+        check_replicas=args.check_replicas,
         progress=not args.quiet,
     )
     return MergeRequest(

@@ -43,7 +43,10 @@ def _shape(shape: Sequence[int]) -> str:
 
 
 def _split(p: ParamReport) -> str:
+    """Blocks per dim; experts split whole over ranks are named as such."""
     parts = [f"dim{i}/{n}" for i, n in enumerate(p.split) if n > 1]
+    if p.experts_per_block and p.split[0] > 1:
+        parts[0] = f"ep/{p.split[0]} ({p.experts_per_block} experts each)"
     if p.optimizer_chunks > 1:
         parts.append(f"opt/{p.optimizer_chunks}")
     return " ".join(parts) or "whole"
@@ -130,7 +133,10 @@ def model_lines(report: InspectReport) -> list[str]:
     lines = [f"model: {m.model_type}; config.json values by where they come from:"]
     lines += [part for line in origin_lines(m.config) for part in _wrapped(line)]
     if m.skipped:
-        lines += _wrapped(f"skipped, not weights: {', '.join(_folded(m.skipped))}")
+        lines += _wrapped(
+            "skipped (statistics of training, not weights; no Hugging Face tensor is made of "
+            f"them): {', '.join(_folded(m.skipped))}"
+        )
     return lines
 
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import ml_dtypes
+import numpy as np
 import pytest
 
 from ms2hf.demo import mismatches
@@ -18,7 +21,7 @@ from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.strategy import load_strategy
 from ms2hf.io.train_yaml import read_train_config
 from ms2hf.pipeline.convert import ConvertOptions, convert
-from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES
+from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, load_tensors
 
 FIXTURES = DENSE_FIXTURES + MOE_FIXTURES
 
@@ -164,6 +167,92 @@ def test_tied_model_has_no_output_layer_and_embedding_on_stage_zero_only(tmp_pat
         ConvertOptions(dtype="source", progress=False, config=generated.train_yaml),
     )
     assert mismatches(out, generated.expected, "source") == []
+
+
+GIVEN = GeneratorConfig(
+    layers=2,
+    hidden=32,
+    heads=4,
+    groups=2,
+    head_dim=8,
+    ffn=24,
+    vocab=64,
+    tied=True,
+    dtype="bf16",
+    tp=2,
+    pp=2,
+    moe=MoeConfig(experts=4, moe_ffn=8, ep=2, mlp_only_layers=(1,)),
+)
+"""Tied, bf16 (so given fp32 values are cast), MoE with a dense layer: every kind of tensor."""
+
+
+def given_weights(drawn: Path) -> dict[str, np.ndarray]:
+    """fp32 values of their own for every tensor a seeded run draws; the tied head left to the
+    embedding."""
+    rng = np.random.default_rng(5)
+    return {
+        name: rng.standard_normal(array.shape, np.float32)
+        for name, array in load_tensors(drawn).items()
+        if name != "lm_head.weight"
+    }
+
+
+def test_given_weights_are_the_model_written(tmp_path: Path) -> None:
+    drawn = generate(GIVEN, tmp_path / "drawn")
+    weights = given_weights(drawn.expected)
+    made = generate(GIVEN, tmp_path / "given", weights)
+    expected = load_tensors(made.expected)
+    assert sorted(expected) == sorted(load_tensors(drawn.expected))
+    for name, array in expected.items():
+        want = weights[name if name != "lm_head.weight" else "model.embed_tokens.weight"]
+        assert array.dtype == ml_dtypes.bfloat16, name
+        assert array.tobytes() == want.astype(ml_dtypes.bfloat16).tobytes(), name
+    # The rank files hold them: a conversion gives them back.
+    out = tmp_path / "hf"
+    convert(made.root, out, ConvertOptions(dtype="source", progress=False, config=made.train_yaml))
+    assert mismatches(out, made.expected, "source") == []
+    # The router's statistic is no Hugging Face tensor: still drawn from the seed.
+    statistic = "decoder.layers.0.mlp.router.fi_accu"
+    held = [(load_tensors(a), load_tensors(b)) for a, b in zip(drawn.rank_files, made.rank_files)]
+    held = [(a[statistic], b[statistic]) for a, b in held if statistic in a]
+    assert len(held) == 2  # the stage's two ranks
+    assert all(a.tobytes() == b.tobytes() for a, b in held)
+
+
+@pytest.mark.parametrize(
+    ("edit", "named"),
+    [
+        (
+            lambda w: w.pop("model.layers.0.mlp.experts.3.up_proj.weight"),
+            "'model.layers.0.mlp.experts.3.up_proj.weight' is missing",
+        ),
+        (
+            lambda w: w.pop("model.embed_tokens.weight"),
+            "'model.embed_tokens.weight' / 'lm_head.weight' is missing",
+        ),
+        (
+            lambda w: w.update({"model.layers.1.mlp.down_proj.weight": np.zeros((24, 32))}),
+            "'model.layers.1.mlp.down_proj.weight' has shape [24, 32], expected [32, 24]",
+        ),
+        (
+            lambda w: w.update({"model.layers.1.mlp.gate_proj.wieght": np.zeros((24, 32))}),
+            "'model.layers.1.mlp.gate_proj.wieght' is not a tensor of this model",
+        ),
+        (
+            lambda w: w.update({"lm_head.weight": np.zeros((64, 32), np.float32)}),
+            "'model.embed_tokens.weight' and 'lm_head.weight' are one tied tensor but differ",
+        ),
+    ],
+    ids=["missing", "missing-tied", "mis-shaped", "unknown", "tied-disagree"],
+)
+def test_given_weights_are_refused_by_name_before_anything_is_written(
+    edit: Callable[[dict[str, np.ndarray]], object], named: str, tmp_path: Path
+) -> None:
+    weights = given_weights(generate(GIVEN, tmp_path / "drawn").expected)
+    edit(weights)
+    with pytest.raises(Ms2hfError, match=re.escape(named)):
+        generate(GIVEN, tmp_path / "given", weights)
+    assert not (tmp_path / "given").exists()
 
 
 def test_train_yaml_carries_the_sizes_and_layout_flags(tmp_path: Path) -> None:

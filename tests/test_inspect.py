@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 
 from ms2hf import cli
 from ms2hf.errors import FormatError
+from ms2hf.generator import GeneratorConfig, MoeConfig, generate
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.pipeline.convert import ConvertOptions, convert
 from ms2hf.pipeline.inspect import HUGGING_FACE, TRAINING, UNIFIED, inspect
@@ -107,6 +108,33 @@ def test_moe_names_its_skipped_parameters() -> None:
     assert report.model.model_type == "qwen3_moe"
     assert report.model.skipped == tuple(f"decoder.layers.{i}.mlp.router.fi_accu" for i in range(4))
     assert inspect(DATA / "tiny_fp32").model.skipped == ()
+
+
+@pytest.mark.parametrize("ep", [1, 2, 4])
+def test_moe_shows_expert_parallelism_the_router_and_why_fi_accu_is_skipped(
+    ep: int, tmp_path: Path
+) -> None:
+    """Experts split whole over the expert-parallel ranks, named as such; the router whole."""
+    moe = MoeConfig(experts=8, ep=ep)
+    path = generate(GeneratorConfig(layers=2, tp=2, dp=2, moe=moe), tmp_path).root
+    report = inspect(path)
+    params = {p.name: p for p in report.params}
+    for name in ("decoder.layers.0.mlp.experts.weight1", "decoder.layers.1.mlp.experts.weight2"):
+        assert (params[name].split, params[name].experts_per_block) == ((ep, 1), 8 // ep), name
+        assert params[name].replicas == 4 // ep, name
+    router = params["decoder.layers.0.mlp.router.weight"]
+    assert (router.shape, router.split, router.replicas) == ((8, 128), (1, 1), 4)
+    assert {p.name for p in report.params if p.experts_per_block} == {
+        f"decoder.layers.{i}.mlp.experts.weight{w}" for i in range(2) for w in (1, 2)
+    }
+    text = inspect_text(report).splitlines()
+    experts = [line for line in text if "mlp.experts.weight" in line]
+    assert len(experts) == 2
+    assert all((f"ep/{ep} ({8 // ep} experts each)" in line) == (ep > 1) for line in experts)
+    assert any(line.split()[0] == "decoder.layers.*.mlp.router.weight" for line in text)
+    skipped = text.index(next(line for line in text if line.startswith("skipped")))
+    assert "statistics of training, not weights" in text[skipped]
+    assert "decoder.layers.*.mlp.router.fi_accu (x2)" in " ".join(text[skipped : skipped + 2])
 
 
 def test_reads_no_tensor_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ms2hf.cli import main
 from ms2hf.errors import ModelError, OutputError
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.pipeline.merge import MergeOptions, assign_parts, merge
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, folder_bytes, load_tensors
+from tests.edit_checkpoint import copy_fixture, edit_tensors, rank_file
 
 ALL_FIXTURES = DENSE_FIXTURES + MOE_FIXTURES
 
@@ -258,3 +260,24 @@ def test_non_finite_weights_warn_or_fail_with_strict(tmp_path: Path) -> None:
         run_merge(fixture, tmp_path / "strict", strict=True)
     out = run_merge(fixture, tmp_path / "lenient")
     assert np.isnan(load_unified(out)[name][0])
+
+
+def test_check_replicas_names_the_parameter_and_both_ranks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = copy_fixture("tiny_fp32", tmp_path / "train")
+    argv = ["merge", "--checkpoint-dir", f"{root}/checkpoint", "--strategy-dir", f"{root}/strategy"]
+    assert main([*argv, "-q", "--check-replicas", "--output_dir", f"{tmp_path}/intact"]) == 0
+    name = "decoder.layers.1.input_layernorm.weight"  # replicated on both tensor-parallel ranks
+
+    def damage(tensors: dict[str, np.ndarray]) -> None:
+        tensors[name].reshape(-1)[3] += 1
+
+    edit_tensors(rank_file(root, 1), damage)
+    assert main([*argv, "-q", "--check-replicas", "--output_dir", f"{tmp_path}/checked"]) == 2
+    err = capsys.readouterr().err
+    assert f"parameter {name!r}" in err
+    assert f"rank 1 ({rank_file(root, 1)})" in err and f"rank 0 ({rank_file(root, 0)})" in err
+    assert not (tmp_path / "checked").exists()  # refused before anything is written
+    # Only the copy read is merged, so without the flag the damage goes unnoticed.
+    assert main([*argv, "-q", "--output_dir", f"{tmp_path}/unchecked"]) == 0

@@ -1,7 +1,8 @@
-"""The real client: a tiny Qwen3 made by transformers, saved as a MindSpore TP2 x PP2 training
-output, converted by ms2hf, loaded back with ``AutoModelForCausalLM.from_pretrained``, gives the
-very same logits (bit for bit in fp32; in bf16, those of the bf16-cast original), and loads with
-no warning at all (missing or unexpected keys, config fields, token ids).
+"""The real client: tiny Qwen3 models made by transformers (dense tied and untied, and a Qwen3-MoE
+with a dense first layer), saved as MindSpore TP2 x PP2 training outputs (the MoE over expert
+parallel 2), converted by ms2hf, loaded back with ``AutoModelForCausalLM.from_pretrained``, give
+the very same logits (bit for bit in fp32; in bf16, those of the bf16-cast original), and load
+with no warning at all (missing or unexpected keys, config fields, token ids).
 
 Needs the ``test-hf`` extra (transformers and a CPU torch); skipped without it, except in CI.
 """
@@ -14,8 +15,8 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pytest
 
 if os.environ.get("CI"):
@@ -26,35 +27,53 @@ else:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
 
-import ms2hf  # noqa: E402
-from ms2hf.generator import GeneratorConfig, generate  # noqa: E402
-from ms2hf.generator import checkpoint as generator_checkpoint  # noqa: E402
-from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES  # noqa: E402
+import ms2hf
+from ms2hf.generator import GeneratorConfig, MoeConfig, generate
+from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, load_tensors
 
-SIZES = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+SIZES = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+SETTINGS = {
+    "rms_norm_eps": 1e-5,
+    "max_position_embeddings": 128,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
+}
+"""What the weights cannot tell: this reaches config.json through ``reference_config`` only."""
+MOE = MoeConfig(experts=8, moe_ffn=32, top_k=2, ep=2, mlp_only_layers=(0,))
 ATTENTION = "eager"
 
 
-def original_model(tied: bool, path: Path) -> torch.nn.Module:
-    """A seeded random Qwen3, norms perturbed so that a swapped norm would show, saved to ``path``
+def hf_entries(moe: MoeConfig | None, tied: bool) -> dict[str, Any]:
+    """What the original model is made with: the converted model's config must say it too."""
+    entries = {**SIZES, **SETTINGS, "tie_word_embeddings": tied}
+    if moe is not None:
+        entries.update(
+            num_experts=moe.experts,
+            num_experts_per_tok=moe.top_k,
+            moe_intermediate_size=moe.moe_ffn,
+            mlp_only_layers=list(moe.mlp_only_layers),
+            norm_topk_prob=True,
+        )
+    return entries
+
+
+def hf_config(moe: MoeConfig | None, tied: bool) -> transformers.PretrainedConfig:
+    config_class = transformers.Qwen3Config if moe is None else transformers.Qwen3MoeConfig
+    return config_class(**hf_entries(moe, tied))
+
+
+def original_model(config: transformers.PretrainedConfig, path: Path) -> None:
+    """A seeded random model, norms perturbed so that a swapped norm would show, saved to ``path``
     by transformers (its config.json has the rope settings in ``rope_parameters`` only)."""
-    config = transformers.Qwen3Config(
-        **SIZES,
-        tie_word_embeddings=tied,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        rope_parameters={"rope_type": "default", "rope_theta": 50000.0},
-    )
     torch.manual_seed(1234)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION)
     with torch.no_grad():
@@ -62,23 +81,12 @@ def original_model(tied: bool, path: Path) -> torch.nn.Module:
             if name.endswith("norm.weight"):
                 param.add_(0.1 * torch.randn_like(param))
     model.save_pretrained(path)
-    return model.eval()
 
 
-def write_training_output(
-    model: torch.nn.Module, tied: bool, out: Path, monkeypatch: pytest.MonkeyPatch
-) -> Path:
-    """The project's generator, TP2 x PP2, with the model's tensors in place of its seeded draws.
-
-    The generator builds every MindSpore parameter from Hugging Face tensors it draws by name;
-    ``generate`` takes no given tensors yet, so that per-name draw is what is replaced here."""
-    state = {name: t.detach().numpy() for name, t in model.state_dict().items()}
-
-    def given(seed: int, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        assert state[name].shape == tuple(shape), name
-        return state[name].astype(dtype)
-
-    monkeypatch.setattr(generator_checkpoint, "_random", given)
+def write_training_output(original: Path, moe: MoeConfig | None, tied: bool, out: Path) -> Path:
+    """The project's generator, TP2 x PP2, with the saved model's tensors as its weights: the
+    file, not the model's state dict, since transformers fuses a layer's experts in memory and
+    saves them per expert, under the names a conversion writes (a tied head is saved once)."""
     config = GeneratorConfig(
         layers=SIZES["num_hidden_layers"],
         hidden=SIZES["hidden_size"],
@@ -91,8 +99,10 @@ def write_training_output(
         dtype="fp32",
         tp=2,
         pp=2,
+        moe=moe,
     )
-    return generate(config, out).root
+    weights = load_tensors(original / "model.safetensors")
+    return generate(config, out, weights).root
 
 
 class _Records(logging.Handler):
@@ -117,35 +127,36 @@ def transformers_warnings() -> Iterator[list[str]]:
     logger.removeHandler(records)
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize(
+    ("moe", "tied"),
+    [(None, False), (None, True), (MOE, False)],
+    ids=["untied", "tied", "moe"],
+)
 def test_logits_survive_the_round_trip(
-    tied: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, transformers_warnings: list[str]
+    moe: MoeConfig | None, tied: bool, tmp_path: Path, transformers_warnings: list[str]
 ) -> None:
-    model = original_model(tied, tmp_path / "original")
-    training = write_training_output(model, tied, tmp_path / "training", monkeypatch)
+    original = tmp_path / "original"
+    original_model(hf_config(moe, tied), original)
+    training = write_training_output(original, moe, tied, tmp_path / "training")
     torch.manual_seed(0)
     input_ids = torch.randint(0, SIZES["vocab_size"], (2, 24))
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         out = tmp_path / f"hf_{dtype}"
         ms2hf.convert(
-            training,
-            out,
-            dtype=dtype,
-            progress=False,
-            reference_config=tmp_path / "original" / "config.json",
+            training, out, dtype=dtype, progress=False, reference_config=original / "config.json"
         )
         transformers_warnings.clear()
         loaded = transformers.AutoModelForCausalLM.from_pretrained(
             out, dtype=torch_dtype, attn_implementation=ATTENTION
         ).eval()
         assert transformers_warnings == []
-        assert loaded.config.rope_parameters["rope_theta"] == 50000.0
-        assert (loaded.config.rms_norm_eps, loaded.config.eos_token_id) == (1e-5, 2)
-        assert loaded.config.tie_word_embeddings is tied
+        entries = hf_entries(moe, tied)
+        assert {k: getattr(loaded.config, k) for k in entries} == entries
         # Cast by transformers' own loader, so that only the weights' path differs between the two.
         reference = transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / "original", dtype=torch_dtype, attn_implementation=ATTENTION
+            original, dtype=torch_dtype, attn_implementation=ATTENTION
         ).eval()
+        assert type(loaded) is type(reference)
         with torch.no_grad():
             want = reference(input_ids).logits
             got = loaded(input_ids).logits

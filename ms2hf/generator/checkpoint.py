@@ -1,10 +1,12 @@
 """Writing a generated training output: rank files, strategy files and the expected tensors.
 
 Values: every Hugging Face tensor is drawn from its own seeded stream (seed and name), so the
-expected model is the same for one seed whatever the parallel layout. Each MindSpore parameter
-is then built by scattering those tensors into it through the converter's own declarative rules
-(``fill_rows`` inverted): the QKV and gate/up layouts are written once, in ``ms2hf.transforms``,
-and the genuine fixtures check them against MindSpore independently.
+expected model is the same for one seed whatever the parallel layout; or the caller gives them
+all (a model made by another library, for a round trip through a real client; training
+statistics such as ``fi_accu``, of which no Hugging Face tensor is made, are still drawn). Each
+MindSpore parameter is then built by scattering those tensors into it through the converter's
+own declarative rules (``fill_rows`` inverted): the QKV and gate/up layouts are written once, in
+``ms2hf.transforms``, and the genuine fixtures check them against MindSpore independently.
 
 Memory: one full parameter and the Hugging Face tensors drawn for it are held at a time; slices
 and Adam states are written in bands, so a 0.6B-parameter fp32 run stays near 1-2 GB.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,9 @@ EXPECTED_CONFIG = Path("expected") / "config.json"
 TRAIN_YAML = Path("train.yaml")
 HF_METADATA = {"format": "pt"}
 ADAM_STATE = "F32"
+
+Weights = Mapping[str, np.ndarray]
+"""Hugging Face tensors by name, given instead of drawn."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,48 @@ def _random(seed: int, name: str, shape: tuple[int, ...], dtype: np.dtype) -> np
     return values if dtype == np.float32 else values.astype(dtype)
 
 
+def _same_tensor(outputs: Iterable[OutputTensor]) -> list[list[OutputTensor]]:
+    """Tensors cut the same way from the same parameter (a tied head) are one tensor under
+    several names: drawn or given once."""
+    groups: dict[tuple[str, tuple[Piece, ...]], list[OutputTensor]] = {}
+    for t in outputs:
+        groups.setdefault((t.source, t.pieces), []).append(t)
+    return list(groups.values())
+
+
+def _check_weights(outputs: Sequence[OutputTensor], weights: Weights) -> None:
+    """Given weights must be exactly the model's tensors: one missing, misspelt or mis-shaped
+    would otherwise leave a drawn value or a wrong one in a model the caller means to compare.
+    One name of a tied tensor is enough; where several are given they must agree."""
+    shapes = {t.name: t.shape for t in outputs}
+    shaped = {n for n in weights if n in shapes and tuple(np.shape(weights[n])) == shapes[n]}
+    problems = [f"{n!r} is not a tensor of this model" for n in sorted(set(weights) - set(shapes))]
+    problems += [
+        f"{n!r} has shape {list(np.shape(weights[n]))}, expected {list(shapes[n])}"
+        for n in sorted(set(weights) & set(shapes) - shaped)
+    ]
+    for group in _same_tensor(outputs):
+        names = [t.name for t in group]
+        given = [n for n in names if n in weights]
+        if not given:
+            problems.append(f"{' / '.join(map(repr, names))} is missing")
+        agree = [n for n in given if n in shaped]
+        if any(not np.array_equal(weights[agree[0]], weights[n]) for n in agree[1:]):
+            problems.append(f"{' and '.join(map(repr, agree))} are one tied tensor but differ")
+    if problems:
+        raise Ms2hfError("given weights: " + "; ".join(problems))
+
+
+def _values(
+    config: GeneratorConfig, same: Sequence[OutputTensor], dtype: np.dtype, weights: Weights | None
+) -> np.ndarray:
+    """One tensor's values in its parameter's dtype, cast as a drawn one is."""
+    if weights is None:
+        return _random(config.seed, same[0].name, same[0].shape, dtype)
+    given = next(weights[t.name] for t in same if t.name in weights)
+    return np.asarray(given).astype(dtype)
+
+
 def _scatter(matrix: np.ndarray, pieces: tuple[Piece, ...], values: np.ndarray) -> None:
     """Put an output tensor's rows back where its pieces take them from."""
     rows = values.reshape(values.shape[0] if values.ndim else 1, -1)
@@ -143,23 +190,24 @@ def _param_dtype(p: PlacedParam, config: GeneratorConfig) -> str:
 
 
 def _build_param(
-    p: PlacedParam, outputs: Sequence[OutputTensor], config: GeneratorConfig, expected: ShardWriter
+    p: PlacedParam,
+    outputs: Sequence[OutputTensor],
+    config: GeneratorConfig,
+    expected: ShardWriter,
+    weights: Weights | None,
 ) -> np.ndarray:
-    """A full parameter, made of the Hugging Face tensors drawn for it (written as they go);
-    a training statistic, of which no Hugging Face tensor is made, is drawn whole."""
+    """A full parameter, made of the Hugging Face tensors drawn or given for it (written as
+    they go); a training statistic, of which no Hugging Face tensor is made, is drawn whole."""
     dtype = to_numpy(_param_dtype(p, config))
     if p.spec.training_only:
         return _random(config.seed, p.spec.name, p.spec.shape, dtype)
     full = np.empty(p.spec.shape, dtype)
     matrix = full.reshape(p.spec.shape[0], -1)
-    same_pieces: dict[tuple[Piece, ...], list[OutputTensor]] = {}
-    for t in outputs:  # tensors cut the same way (a tied head) are one tensor under two names
-        same_pieces.setdefault(t.pieces, []).append(t)
     covered = 0
-    for pieces, tensors in same_pieces.items():
-        values = _random(config.seed, tensors[0].name, tensors[0].shape, dtype)
-        _scatter(matrix, pieces, values)
-        for t in tensors:
+    for same in _same_tensor(outputs):
+        values = _values(config, same, dtype, weights)
+        _scatter(matrix, same[0].pieces, values)
+        for t in same:
             _write_rows(expected, t.name, values)
         covered += values.size
     if covered != full.size:
@@ -201,19 +249,24 @@ def _write_slices(
                 _write_rows(writer, prefix + p.spec.name, region, transform)
 
 
+def _hf_outputs(model: ModelSpec, config: GeneratorConfig) -> tuple[OutputTensor, ...]:
+    """The Hugging Face tensors, as the converter's rules cut them from the parameters."""
+    given = {name: (value, "generator") for name, value in model.model_config.items()}
+    shapes = {p.name: p.shape for p in model.params}
+    return hf_model(shapes, given, config.source_dtype).outputs
+
+
 def _write_tensors(
     root: Path,
-    model: ModelSpec,
     stages: Sequence[Sequence[PlacedParam]],
     rank_files: Sequence[Path],
     config: GeneratorConfig,
+    outputs: Sequence[OutputTensor],
+    weights: Weights | None,
 ) -> None:
     """Every rank file and the expected Hugging Face file, one parameter at a time; on any
     error no file is left under its final name."""
     placed = [p for params in stages for p in params]
-    given = {name: (value, "generator") for name, value in model.model_config.items()}
-    shapes = {p.spec.name: p.spec.shape for p in placed}
-    outputs = hf_model(shapes, given, config.source_dtype).outputs
     saved = [savers(params, config.remove_redundancy) for params in stages]
     per_stage = config.devices_per_stage
     metadata = {"format": "ms", "remove_redundancy": str(config.remove_redundancy)}
@@ -232,7 +285,7 @@ def _write_tensors(
         writers.append(expected)
         for p in placed:
             made_of = [t for t in outputs if t.source == p.spec.name]
-            full = _build_param(p, made_of, config, expected)
+            full = _build_param(p, made_of, config, expected, weights)
             first = p.spec.stage * per_stage
             _write_slices(p, full, writers[first : first + per_stage], saved[p.spec.stage])
         for writer in writers:
@@ -266,12 +319,20 @@ def _write_small_files(
     (root / TRAIN_YAML).write_text(yaml.safe_dump(train, sort_keys=False))
 
 
-def generate(config: GeneratorConfig, out_dir: str | os.PathLike[str]) -> Generated:
+def generate(
+    config: GeneratorConfig, out_dir: str | os.PathLike[str], weights: Weights | None = None
+) -> Generated:
     """Write a MindSpore Transformers training output for ``config`` into ``out_dir``
     (``checkpoint/``, ``strategy/``), with ``expected/`` and ``train.yaml`` beside them.
-    Files of an earlier run with the same names are replaced; nothing else is touched."""
+    ``weights`` (Hugging Face names) replace the seeded draws; every tensor of the model must be
+    given, in its shape, and nothing else (checked before any file is written); each is cast to
+    its parameter's dtype. Files of an earlier run with the same names are replaced; nothing
+    else is touched."""
     root = Path(out_dir)
     model = model_spec(config)
+    outputs = _hf_outputs(model, config)
+    if weights is not None:
+        _check_weights(outputs, weights)
     placed = [place(p, config.opt_shard) for p in model.params]
     stages = [[p for p in placed if p.spec.stage == s] for s in range(config.pp)]
     per_stage = config.devices_per_stage
@@ -288,6 +349,6 @@ def generate(config: GeneratorConfig, out_dir: str | os.PathLike[str]) -> Genera
         / f"{config.prefix}_rank_{r}-{config.file_suffix}.safetensors"
         for r in range(config.world)
     ]
-    _write_tensors(root, model, stages, rank_files, config)
+    _write_tensors(root, stages, rank_files, config, outputs, weights)
     _write_small_files(root, model, config, rank_files)
     return Generated(root, config, tuple(rank_files))

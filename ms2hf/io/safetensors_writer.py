@@ -21,6 +21,7 @@ import numpy as np
 from ms2hf.errors import OutputError
 from ms2hf.io import shard_digest
 from ms2hf.io.dtypes import itemsize, nbytes, to_numpy
+from ms2hf.io.writeback import WriteBehind
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class ShardWriter:
             self._fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot create {self.temporary.name}: {e.strerror or e}") from e
+        self._behind = WriteBehind(self._fd) if os.environ.get("MS2HF_NO_WB") is None else None
         try:
             self._write_at(layout.header, 0)
         except BaseException:
@@ -101,6 +103,8 @@ class ShardWriter:
         self._crc[name] = shard_digest.crc(view, self._crc[name])
         self._written[name] += len(view)
         self._write_at(view, self.layout.starts[name] + offset)
+        if self._behind is not None:
+            self._behind.written(self.layout.starts[name] + offset, len(view))
 
     def _write_at(self, data: bytes | memoryview, position: int) -> None:
         view = memoryview(data)

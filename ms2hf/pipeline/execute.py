@@ -99,7 +99,11 @@ class _Run:
         self.progress = progress
         self.mapped = mapped
         self.check = check
-        self.jobs = iter([(f, t) for f in files for t in f.tensors])
+        # Within a file, largest tensors first: the jobs left at the end are small, so no worker
+        # idles while another finishes the embedding alone.
+        self.jobs = iter(
+            [(f, t) for f in files for t in sorted(f.tensors, key=lambda t: -t.entry.nbytes)]
+        )
         self.lock = threading.Lock()
         self.open: dict[str, _OpenFile] = {}
         self.failed = False

@@ -28,6 +28,7 @@ from ms2hf.pipeline.jsonable import jsonable
 from ms2hf.pipeline.source_plan import SourceParam, SourcePlan, plan_source
 from ms2hf.pipeline.unified_plan import plan_unified
 from ms2hf.transforms.hf_config import ConfigValue
+from ms2hf.transforms.qwen3_moe import W1, W2
 
 TRAINING = "training output"
 UNIFIED = "unified checkpoint"
@@ -52,6 +53,9 @@ class ParamReport:
     """Ranks whose slice each block is (data-parallel copies)."""
     saved_copies: int
     """Copies of each block present in the files: ``replicas`` if saved redundantly, else 1."""
+    experts_per_block: int | None = None
+    """For a grouped expert weight (experts stacked along dim 0), the whole experts in each
+    block: a split of its dim 0 is expert parallelism. None for any other parameter."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,8 @@ class ModelReport:
     config: dict[str, ConfigValue]
     """config.json as a run would write it (or as found), every value with its origin."""
     skipped: tuple[str, ...] = ()
-    """Source parameters deliberately left out of the Hugging Face model (MoE ``fi_accu``)."""
+    """Source parameters deliberately left out of the Hugging Face model: statistics of training,
+    not weights (MoE ``fi_accu``)."""
     error: str | None = None
     """Why the parameters were not recognised as a supported model, when they were not."""
 
@@ -169,8 +174,18 @@ def inspect(path: str | os.PathLike[str], options: ConvertOptions | None = None)
     return inspect_source(path, kind, source, options)
 
 
+def _experts_per_block(name: str, split: tuple[int, ...], experts: int | None) -> int | None:
+    if experts is None or not name.endswith((W1, W2)) or experts % split[0]:
+        return None
+    return experts // split[0]
+
+
 def _param_report(
-    p: SourceParam, source: SourcePlan, stage_of: Mapping[int, int], ranks_per_stage: int
+    p: SourceParam,
+    source: SourcePlan,
+    stage_of: Mapping[int, int],
+    ranks_per_stage: int,
+    experts: int | None,
 ) -> ParamReport:
     grid = source.grids.get(p.name)
     optimizer_chunks = grid.opt_chunks if grid else 1
@@ -187,6 +202,7 @@ def _param_report(
         optimizer_chunks=optimizer_chunks,
         replicas=ranks_per_stage // len(p.blocks),
         saved_copies=(len(p.blocks) + len(p.replicas)) // len(p.blocks),
+        experts_per_block=_experts_per_block(p.name, split, experts),
     )
 
 
@@ -218,8 +234,10 @@ def inspect_source(
     stage_of = {f.rank: f.stage for f in source.files}
     ranks_per_stage = len(source.files) // source.num_stages if kind == TRAINING else 1
     model, output, order = _model_and_output(source, options)
+    experts = model.config.get("num_experts")
+    num_experts = experts.value if experts else None
     params = tuple(
-        _param_report(source.params[name], source, stage_of, ranks_per_stage)
+        _param_report(source.params[name], source, stage_of, ranks_per_stage, num_experts)
         for name in sorted(source.params, key=order)
     )
     files = _file_reports(path, source)

@@ -35,6 +35,7 @@ from ms2hf.pipeline.execute import PlannedFile, PlannedTensor, SmallFile, write_
 from ms2hf.pipeline.finite import FiniteCheck
 from ms2hf.pipeline.output_dir import RUN_RECORD, prepare_output_dir
 from ms2hf.pipeline.progress import Progress
+from ms2hf.pipeline.replicas import check_replicas
 from ms2hf.pipeline.source_plan import SourceParam, SourcePlan, plan_source
 from ms2hf.transforms import rules
 from ms2hf.transforms.models import hf_model
@@ -59,6 +60,8 @@ class MergeOptions:
     overwrite: bool = False
     strict: bool = False
     """Non-finite weights are an error rather than a warning."""
+    check_replicas: bool = False
+    """Read every replica of every block and require it to match the copy merged."""
     progress: bool = True
 
 
@@ -174,6 +177,9 @@ def merge(
         log.warning("warning: %s", warning)
     if options.config is not None:
         _check_config(source, options.config)
+    if options.check_replicas:
+        with MappedFiles() as mapped:
+            check_replicas(source, mapped)
     params, excluded = _kept(source, options.exclude_prefix)
     files, weight_map = plan_unified_files(params, source.scalars, options.part_size)
     parts = [f.name for f in files if f.name != HYPER_PARAM]
