@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ms2hf import cli
-from ms2hf.errors import Ms2hfError
+from ms2hf.errors import ModelError, Ms2hfError
 from ms2hf.io.tokenizer_files import TOKENIZER_FILES
 from ms2hf.pipeline.convert import ConvertOptions, convert
 from ms2hf.transforms.hf_config import QWEN3_DEFAULTS, build_config
@@ -250,3 +250,21 @@ def test_tokenizer_files_replace_only_with_overwrite(tmp_path: Path) -> None:
     run(tmp_path, tokenizer_dir=tmp_path / "tok", overwrite=True)
     assert (out / "tokenizer.json").read_bytes() == files["tokenizer.json"]
     assert not list(out.glob(".*partial*"))
+
+
+def test_reference_max_window_layers_is_kept(tmp_path: Path) -> None:
+    """Published configs may state max_window_layers apart from the layer count; it is taken."""
+    reference = tmp_path / "ref.json"
+    reference.write_text(json.dumps({"max_window_layers": 28}))
+    out = tmp_path / "hf"
+    convert(DATA / "tiny_fp32", out, ConvertOptions(progress=False, reference_config=reference))
+    assert json.loads((out / "config.json").read_text())["max_window_layers"] == 28
+
+
+def test_reference_num_local_experts_is_checked_against_the_weights(tmp_path: Path) -> None:
+    """transformers 5 spells the expert count num_local_experts; a wrong one must not pass."""
+    reference = tmp_path / "ref.json"
+    reference.write_text(json.dumps({"model_type": "qwen3_moe", "num_local_experts": 16}))
+    with pytest.raises(ModelError, match="num_local_experts.*16"):
+        convert(DATA / "moe_fp32_dp2tp2pp2_ep2", tmp_path / "hf",
+                ConvertOptions(progress=False, reference_config=reference))

@@ -22,6 +22,8 @@ NOT_TAKEN = frozenset(
 )
 """Entries the run decides itself (class from the weights, dtype from ``--dtype``)."""
 ROPE_PARAMETERS = "rope_parameters"
+ALIASES = {"num_local_experts": "num_experts"}
+"""transformers 5 saves Qwen3-MoE's expert count under another name; it is checked all the same."""
 
 
 def read_reference_config(path: str | Path) -> dict[str, tuple[Any, str]]:
@@ -37,7 +39,7 @@ def read_reference_config(path: str | Path) -> dict[str, tuple[Any, str]]:
         raise FormatError(f"{path}: expected a JSON object (a Hugging Face config.json)")
     origin = f"reference {path.name}"
     out = {
-        key: (value, f"{origin}: {key}")
+        ALIASES.get(key, key): (value, f"{origin}: {key}")
         for key, value in doc.items()
         if key not in NOT_TAKEN and key != ROPE_PARAMETERS
     }

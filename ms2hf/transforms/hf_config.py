@@ -47,6 +47,8 @@ QWEN3_MOE_DEFAULTS: dict[str, Any] = {
 }
 DEFAULTS = {"qwen3": QWEN3_DEFAULTS, "qwen3_moe": QWEN3_MOE_DEFAULTS}
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+GIVEN_ONLY = frozenset({"pad_token_id", "max_window_layers"})
+"""Keys written only when a yaml or reference config states them (or derived, then replaced)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +87,15 @@ def build_config(
         else:
             origin = f"{model_type} default"
         out.setdefault(name, ConfigValue(value, origin))
+    # Published configs set it to the layer count; it only matters with sliding windows.
+    out["max_window_layers"] = ConfigValue(
+        out["num_hidden_layers"].value, "the layer count, as published"
+    )
     for name, (value, origin) in given.items():
         if name in out and out[name].origin == "weights":
             continue
-        if name in defaults or name == "pad_token_id":
+        if name in defaults or name in GIVEN_ONLY:
             out[name] = ConfigValue(value, origin)
-    out.setdefault("max_window_layers", ConfigValue(out["num_hidden_layers"].value, "weights"))
     out["rope_parameters"] = rope_parameters(out["rope_theta"], out["rope_scaling"])
     dtype_name = DTYPE_NAMES.get(dtype, "float32")
     out["torch_dtype"] = ConfigValue(dtype_name, "--dtype")
