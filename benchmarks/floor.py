@@ -3,7 +3,7 @@
 It reads exactly the model-parameter bytes ``convert`` reads (every block of the source plan,
 from the same rank files) and writes exactly as many bytes as ``convert`` writes, into files of
 the same sizes, each made durable with ``fsync`` before it is closed, as ``convert`` does. It
-does no transform and no checksum. Reads go by ``readinto`` into reused buffers, in file order.
+does no transform and no checksum. Reads go by ``preadv`` into reused buffers, in file order.
 
 Two ways to schedule the same I/O, both measured, and the faster is the floor:
 
@@ -18,6 +18,7 @@ Run as ``python -m benchmarks.floor PLAN.json MODE``; ``PLAN.json`` is made by `
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import queue
@@ -26,7 +27,18 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from ms2hf.io.writeback import WriteBehind
+
+def _load_write_behind() -> type:
+    """``convert``'s own write-behind, loaded from its file: importing the ``ms2hf`` package would
+    add its start-up (numpy and the whole pipeline, about 0.4 s) to a program that needs none."""
+    path = Path(__file__).resolve().parents[1] / "ms2hf" / "io" / "writeback.py"
+    spec = importlib.util.spec_from_file_location("_floor_writeback", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.WriteBehind
+
+
+WriteBehind = _load_write_behind()
 
 CHUNK_BYTES = 16 * 2**20
 MODES = ("sequential", "overlapped")
@@ -51,25 +63,24 @@ class _Reader:
 
     def __init__(self) -> None:
         self._path: str | None = None
-        self._file = None
+        self._fd = -1
 
     def read(self, path: str, at: int, view: memoryview) -> None:
         if path != self._path:
-            if self._file is not None:
-                self._file.close()
-            self._file = open(path, "rb", buffering=0)
+            self.close()
+            self._fd = os.open(path, os.O_RDONLY)
             self._path = path
-        self._file.seek(at)
         got = 0
         while got < len(view):
-            n = self._file.readinto(view[got:])
+            n = os.preadv(self._fd, [view[got:]], at + got)
             if not n:
                 raise OSError(f"{path}: short read at {at + got}")
             got += n
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class _Writer:
@@ -122,47 +133,59 @@ def _share(total_in: int, total_out: int, done_in: int, done_out: int) -> int:
     return total_out * done_in // total_in - done_out if total_in else total_out
 
 
-def run(plan: dict, mode: str) -> int:
+def _read_in_turn(reads: list[list], reader: _Reader) -> Iterator[memoryview]:
+    """Each chunk read into one buffer when the writer is done with the previous one."""
+    buffer = memoryview(bytearray(CHUNK_BYTES))
+    for path, at, n in _chunks(reads):
+        reader.read(path, at, buffer[:n])
+        yield buffer[:n]
+
+
+def _read_ahead(reads: list[list], reader: _Reader, depth: int = 4) -> Iterator[memoryview]:
+    """Chunks read by a thread of their own, up to ``depth`` ahead of the writer."""
+    free: queue.Queue[memoryview] = queue.Queue()
+    full: queue.Queue[tuple[memoryview, int] | None] = queue.Queue()
+    for _ in range(depth):
+        free.put(memoryview(bytearray(CHUNK_BYTES)))
+    failed: list[OSError] = []
+
+    def produce() -> None:
+        try:
+            for path, at, n in _chunks(reads):
+                buffer = free.get()
+                reader.read(path, at, buffer[:n])
+                full.put((buffer, n))
+        except OSError as e:
+            failed.append(e)
+        finally:
+            full.put(None)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    while (item := full.get()) is not None:
+        buffer, n = item
+        yield buffer[:n]
+        free.put(buffer)
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
+def run(plan: dict, mode: str) -> None:
     reads, writes = plan["reads"], plan["writes"]
     total_in = sum(n for _, _, n in reads)
     writer = _Writer(writes, write_behind=mode == "overlapped")
     total_out = writer.remaining
     reader = _Reader()
+    chunks = _read_in_turn(reads, reader) if mode == "sequential" else _read_ahead(reads, reader)
     done_in = done_out = 0
-    if mode == "sequential":
-        buffer = memoryview(bytearray(CHUNK_BYTES))
-        for path, at, n in _chunks(reads):
-            reader.read(path, at, buffer[:n])
-            done_in += n
-            due = _share(total_in, total_out, done_in, done_out)
-            writer.write(buffer[: min(due, n)])
-            done_out += min(due, n)
-    else:
-        free: queue.Queue[memoryview] = queue.Queue()
-        full: queue.Queue[tuple[memoryview, int] | None] = queue.Queue()
-        for _ in range(4):
-            free.put(memoryview(bytearray(CHUNK_BYTES)))
-
-        def produce() -> None:
-            for path, at, n in _chunks(reads):
-                buffer = free.get()
-                reader.read(path, at, buffer[:n])
-                full.put((buffer, n))
-            full.put(None)
-
-        thread = threading.Thread(target=produce)
-        thread.start()
-        while (item := full.get()) is not None:
-            buffer, n = item
-            done_in += n
-            due = _share(total_in, total_out, done_in, done_out)
-            writer.write(buffer[: min(due, n)])
-            done_out += min(due, n)
-            free.put(buffer)
-        thread.join()
+    for chunk in chunks:
+        done_in += len(chunk)
+        due = min(len(chunk), _share(total_in, total_out, done_in, done_out))
+        writer.write(chunk[:due])
+        done_out += due
     reader.close()
     writer.close()
-    return total_in
 
 
 def main(argv: list[str]) -> int:

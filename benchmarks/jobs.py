@@ -3,14 +3,13 @@ planning code (headers and strategies only, nothing is read or converted here)."
 
 from __future__ import annotations
 
-import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.floor import floor_plan
-from ms2hf.io.dtypes import itemsize
+from ms2hf.io.dtypes import nbytes
 from ms2hf.io.safetensors_writer import layout_shard
 from ms2hf.io.unified_format import METADATA as UNIFIED_METADATA
 from ms2hf.pipeline.convert import HF_METADATA, ConvertOptions, plan_hf_checkpoint
@@ -46,14 +45,9 @@ class Shape:
 
 def _ranges(params: Mapping[str, SourceParam]) -> list[Range]:
     """Every block ``convert`` reads: one copy of each, as the source plan schedules them."""
-    out = []
-    for p in params.values():
-        for b in p.blocks:
-            n = itemsize(p.dtype)
-            for d in b.shape:
-                n *= d
-            out.append((str(b.path), b.start, n))
-    return sorted(out)
+    return sorted(
+        (str(b.path), b.start, nbytes(p.dtype, b.shape)) for p in params.values() for b in p.blocks
+    )
 
 
 def workload_shape(root: Path) -> Shape:
@@ -61,7 +55,9 @@ def workload_shape(root: Path) -> Shape:
     _, files = plan_hf_checkpoint(source, ConvertOptions(), {})
     hf = tuple(layout_shard([t.entry for t in f.tensors], HF_METADATA).size for f in files)
     parts, _ = plan_unified_files(source.params, source.scalars, PART_SIZE)
-    unified = tuple(layout_shard([t.entry for t in f.tensors], UNIFIED_METADATA).size for f in parts)
+    unified = tuple(
+        layout_shard([t.entry for t in f.tensors], UNIFIED_METADATA).size for f in parts
+    )
     return Shape(
         reads=tuple(_ranges(source.params)),
         hf_sizes=hf,
@@ -75,15 +71,22 @@ def python(*args: str) -> list[str]:
 
 
 def convert(root: Path, out: Path, *extra: str) -> list[str]:
-    return python("-m", "ms2hf.cli", "convert", str(root), str(out), "-q", *extra)
+    return python("-m", "ms2hf.cli", "convert", str(root), str(out), "-q", "--json", *extra)
 
 
 def merge(root: Path, out: Path, *extra: str) -> list[str]:
     return python(
-        "-m", "ms2hf.cli", "merge",
-        "--mindspore_ckpt_dir", str(root / "checkpoint"),
-        "--src_strategy_dirs", str(root / "strategy"),
-        "--output_dir", str(out), "-q", *extra,
+        "-m",
+        "ms2hf.cli",
+        "merge",
+        "--mindspore_ckpt_dir",
+        str(root / "checkpoint"),
+        "--src_strategy_dirs",
+        str(root / "strategy"),
+        "--output_dir",
+        str(out),
+        "-q",
+        *extra,
     )
 
 
@@ -97,8 +100,15 @@ def unified_folder(merge_out: Path) -> Path:
 
 def reverse(unified: Path, out: Path, *extra: str) -> list[str]:
     return python(
-        "-m", "ms2hf.cli", "reverse", "--input_path", str(unified), "--output_path", str(out),
-        "-q", *extra,
+        "-m",
+        "ms2hf.cli",
+        "reverse",
+        "--input_path",
+        str(unified),
+        "--output_path",
+        str(out),
+        "-q",
+        *extra,
     )
 
 
@@ -110,7 +120,9 @@ def floor_plans(shape: Shape, scratch: Path) -> dict[str, dict]:
     """The floors: ``convert`` (parameters in, shards out) and ``merge+reverse`` as its two
     passes (parameters in, parts out; then the parts in, shards out). The second pass reads
     the files the first one wrote, so it has the same page-cache state as ``reverse``."""
-    first = floor_plan(list(shape.reads + shape.scalar_reads), list(shape.unified_sizes), scratch / "floor-mid")
+    first = floor_plan(
+        list(shape.reads + shape.scalar_reads), list(shape.unified_sizes), scratch / "floor-mid"
+    )
     second = floor_plan(
         [(path, 0, n) for path, n in first["writes"]], list(shape.hf_sizes), scratch / "floor-out"
     )
@@ -119,8 +131,3 @@ def floor_plans(shape: Shape, scratch: Path) -> dict[str, dict]:
         "merge": first,
         "reverse": second,
     }
-
-
-def clear(*folders: Path) -> None:
-    for folder in folders:
-        shutil.rmtree(folder, ignore_errors=True)

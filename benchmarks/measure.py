@@ -10,6 +10,7 @@ small file reads per sample.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -34,7 +35,18 @@ class Measured:
     peak_cgroup_bytes: int | None
     """Peak memory of the ``memcap`` cgroup (page cache included); None when not capped."""
     returncode: int
+    stdout: str
     stderr: str
+
+    @property
+    def reported_seconds(self) -> float | None:
+        """The time the command reports itself (``ms2hf convert --json``): its own work, without
+        the interpreter's start-up and imports; None when it prints no such report."""
+        try:
+            doc = json.loads(self.stdout)
+        except ValueError:
+            return None
+        return doc.get("seconds") if isinstance(doc, dict) else None
 
 
 def _children(pid: int) -> list[int]:
@@ -91,26 +103,37 @@ def memcap_available() -> str | None:
     """None when ``memcap`` can cap a command here, else why not."""
     if not MEMCAP.exists():
         return f"{MEMCAP} not found"
-    probe = subprocess.run([str(MEMCAP), "64M", "--", "true"], capture_output=True, text=True)
+    probe = subprocess.run(
+        [str(MEMCAP), "64M", "--", "true"], capture_output=True, text=True, check=False
+    )
     return None if probe.returncode == 0 else (probe.stderr.strip() or f"exit {probe.returncode}")
 
 
-def run(command: Sequence[str], memcap: str | None = None, env: Mapping[str, str] | None = None) -> Measured:
+def run(
+    command: Sequence[str], memcap: str | None = None, env: Mapping[str, str] | None = None
+) -> Measured:
     """Run ``command`` (under ``memcap LIMIT`` when given) and measure it; never raises on a
     failing command: the caller decides what a non-zero status means."""
     argv = [str(MEMCAP), memcap, "--", *command] if memcap else list(command)
     started = time.perf_counter()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     sampler = _Sampler(process.pid)
-    stderr_parts: list[str] = []
-    reader = threading.Thread(target=lambda: stderr_parts.append(process.stderr.read()), daemon=True)
-    reader.start()
+    output: dict[str, str] = {}
+    readers = [
+        threading.Thread(target=lambda n=name, f=f: output.__setitem__(n, f.read()), daemon=True)
+        for name, f in (("stdout", process.stdout), ("stderr", process.stderr))
+    ]
+    for reader in readers:
+        reader.start()
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     peak_anon = sampler.stop()
-    reader.join()
+    for reader in readers:
+        reader.join()
     process.returncode = os.waitstatus_to_exitcode(status)
-    stderr = "".join(stderr_parts)
+    stderr = output["stderr"]
     peak_cgroup = None
     if memcap:
         match = _MEMCAP_LINE.search(stderr)
@@ -121,6 +144,7 @@ def run(command: Sequence[str], memcap: str | None = None, env: Mapping[str, str
         peak_anon_bytes=peak_anon,
         peak_cgroup_bytes=peak_cgroup,
         returncode=process.returncode,
+        stdout=output["stdout"],
         stderr=stderr,
     )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from benchmarks.jobs import Shape
@@ -14,6 +14,7 @@ ANON_SLACK = 100_000_000
 """Anonymous memory may exceed the budget by this much (the interpreter, numpy, the plan)."""
 BUDGET_BYTES = 256 * 2**20
 SCALING = ("S8", "S14", "W")
+SCALING_CASE = "convert (scaling)"
 MIB = 2**20
 
 
@@ -31,9 +32,19 @@ class Row:
     """GB of model weights read from the training output, per second: the same numerator for
     every case of a workload, so these compare as the times do."""
     s_per_gb: float
+    reported_s_per_gb: float | None
+    """From the time ``convert --json`` reports (its own work: planning and writing, without the
+    interpreter's start-up and imports, a constant about 0.3 s that would otherwise dominate the
+    smaller sizes); None for other commands."""
     peak_anon_bytes: int
     peak_cgroup_bytes: int | None
     other_load_cores: float
+    stolen_cores: float
+    cpu_speed: float
+    """Median GB/s of the reference cast around each run, the slower of before and after
+    (``machine.cpu_speed``)."""
+    discarded: int
+    """Runs done again because the host slowed them down (``Bench.run_case``)."""
     load_1min: float
     ratio_to_floor: float | None = None
 
@@ -42,6 +53,8 @@ class Row:
         seconds = [r["seconds"] for r in result.runs]
         median = statistics.median(seconds)
         gb = shape.read_bytes / 1e9
+        reported = [r["reported_seconds"] for r in result.runs]
+        reported = None if None in reported else statistics.median(reported)
         return cls(
             workload=result.workload,
             case=result.case,
@@ -53,9 +66,13 @@ class Row:
             cpu_s=result.median("cpu_seconds"),
             gb_per_s=gb / median,
             s_per_gb=median / gb,
+            reported_s_per_gb=None if reported is None else reported / gb,
             peak_anon_bytes=result.peak("peak_anon_bytes"),
             peak_cgroup_bytes=result.peak("peak_cgroup_bytes"),
             other_load_cores=result.median("other_load_cores"),
+            stolen_cores=result.median("stolen_cores"),
+            cpu_speed=statistics.median(min(r["cpu_speed_gb_per_s"]) for r in result.runs),
+            discarded=sum(len(r["discarded"]) for r in result.runs),
             load_1min=max(r["load_1min_at_start"] for r in result.runs),
         )
 
@@ -76,8 +93,11 @@ def with_ratios(rows: Sequence[Row]) -> list[Row]:
         floors = [
             f.median_s
             for f in rows
-            if _is_floor(f) and f.workload == row.workload and f.cache == row.cache
-            and f.case.endswith(_floor_of(row)) and (_floor_of(row) or "merge" not in f.case)
+            if _is_floor(f)
+            and f.workload == row.workload
+            and f.cache == row.cache
+            and f.case.endswith(_floor_of(row))
+            and (_floor_of(row) or "merge" not in f.case)
         ]
         out.append(replace(row, ratio_to_floor=row.median_s / min(floors) if floors else None))
     return out
@@ -92,7 +112,10 @@ def _target(name: str, met: bool, detail: str) -> dict[str, object]:
 
 
 def evaluate(
-    rows: Sequence[Row], checks: Mapping[str, bool], memory: Mapping[str, str] | None, cold_note: str | None
+    rows: Sequence[Row],
+    checks: Mapping[str, bool],
+    memory: Mapping[str, str] | None,
+    cold_note: str | None,
 ) -> list[dict[str, object]]:
     states = ["warm"] if cold_note else ["warm", "cold"]
     targets = []
@@ -100,50 +123,70 @@ def evaluate(
         for state in states:
             row = _find(rows, workload, "convert", state)
             if row is not None and row.ratio_to_floor is not None:
-                targets.append(_target(
-                    f"1 speed: convert {workload} {state} within {SPEED_RATIO}x of the floor",
-                    row.ratio_to_floor <= SPEED_RATIO,
-                    f"{row.median_s:.2f} s = {row.ratio_to_floor:.2f}x floor",
-                ))
+                targets.append(
+                    _target(
+                        f"1 speed: convert {workload} {state} within {SPEED_RATIO}x of the floor",
+                        row.ratio_to_floor <= SPEED_RATIO,
+                        f"{row.median_s:.2f} s = {row.ratio_to_floor:.2f}x floor",
+                    )
+                )
     limit = BUDGET_BYTES + ANON_SLACK
-    for case, number in (("convert (memcap)", "2 memory"), ("merge+reverse (memcap)", "5 merge+reverse memory")):
+    for case, number in (
+        ("convert (memcap)", "2 memory"),
+        ("merge+reverse (memcap)", "5 merge+reverse memory"),
+    ):
         row = _find(rows, "W", case)
         if memory is None or row is None:
-            targets.append(_target(f"{number}: under memcap", False, "not measured (memcap unavailable)"))
+            targets.append(
+                _target(f"{number}: under memcap", False, "not measured (memcap unavailable)")
+            )
             continue
-        targets.append(_target(
-            f"{number}: {case.split(' ')[0]} W under memcap {memory['limit']} with --memory-budget "
-            f"{memory['budget']}, RssAnon <= budget + 100 MB",
-            row.peak_anon_bytes <= limit,
-            f"ran in {row.median_s:.2f} s; peak RssAnon {row.peak_anon_bytes / MIB:.0f} MiB "
-            f"(limit {limit / MIB:.0f} MiB); peak cgroup {row.peak_cgroup_bytes / MIB:.0f} MiB",
-        ))
-    scaling = [r for name in SCALING if (r := _find(rows, name, "convert")) is not None]
+        targets.append(
+            _target(
+                f"{number}: {case.split(' ')[0]} W under memcap {memory['limit']} with --memory-budget "
+                f"{memory['budget']}, RssAnon <= budget + 100 MB",
+                row.peak_anon_bytes <= limit,
+                f"ran in {row.median_s:.2f} s; peak RssAnon {row.peak_anon_bytes / MIB:.0f} MiB "
+                f"(limit {limit / MIB:.0f} MiB); peak cgroup {row.peak_cgroup_bytes / MIB:.0f} MiB",
+            )
+        )
+    scaling = [r for name in SCALING if (r := _find(rows, name, SCALING_CASE)) is not None]
     if len(scaling) == len(SCALING):
-        per_gb = [r.s_per_gb for r in scaling]
+        per_gb = [r.reported_s_per_gb for r in scaling]
         anon = [r.peak_anon_bytes for r in scaling]
-        targets.append(_target(
-            f"3 scaling: s/GB and peak RssAnon within {FLAT:.2f}x across three sizes",
-            max(per_gb) / min(per_gb) <= FLAT and max(anon) / min(anon) <= FLAT,
-            "s/GB " + ", ".join(f"{r.workload} {r.s_per_gb:.2f}" for r in scaling)
-            + f" (spread {max(per_gb) / min(per_gb):.2f}x); anon MiB "
-            + ", ".join(f"{a / MIB:.0f}" for a in anon) + f" (spread {max(anon) / min(anon):.2f}x)",
-        ))
+        targets.append(
+            _target(
+                f"3 scaling: s/GB (as convert reports it) and peak RssAnon within {FLAT:.2f}x "
+                "across three sizes",
+                max(per_gb) / min(per_gb) <= FLAT and max(anon) / min(anon) <= FLAT,
+                "s/GB "
+                + ", ".join(f"{r.workload} {r.reported_s_per_gb:.2f}" for r in scaling)
+                + f" (spread {max(per_gb) / min(per_gb):.2f}x; wall clock with start-up "
+                + ", ".join(f"{r.s_per_gb:.2f}" for r in scaling)
+                + "); anon MiB "
+                + ", ".join(f"{a / MIB:.0f}" for a in anon)
+                + f" (spread {max(anon) / min(anon):.2f}x)",
+            )
+        )
     one, two = _find(rows, "W", "convert --workers 1"), _find(rows, "W", "convert --workers 2")
     if one and two:
-        targets.append(_target(
-            "4 workers: --workers 1 and 2 byte-identical",
-            checks.get("workers_identical", False),
-            f"speed-up {one.median_s / two.median_s:.2f}x ({one.median_s:.2f} s -> {two.median_s:.2f} s)",
-        ))
+        targets.append(
+            _target(
+                "4 workers: --workers 1 and 2 byte-identical",
+                checks.get("workers_identical", False),
+                f"speed-up {one.median_s / two.median_s:.2f}x ({one.median_s:.2f} s -> {two.median_s:.2f} s)",
+            )
+        )
     for state in states:
         row = _find(rows, "W", "merge+reverse", state)
         if row is not None and row.ratio_to_floor is not None:
-            targets.append(_target(
-                f"5 merge+reverse W {state} within {SPEED_RATIO}x of its floor",
-                row.ratio_to_floor <= SPEED_RATIO,
-                f"{row.median_s:.2f} s = {row.ratio_to_floor:.2f}x its floor",
-            ))
+            targets.append(
+                _target(
+                    f"5 merge+reverse W {state} within {SPEED_RATIO}x of its floor",
+                    row.ratio_to_floor <= SPEED_RATIO,
+                    f"{row.median_s:.2f} s = {row.ratio_to_floor:.2f}x its floor",
+                )
+            )
     return targets
 
 
@@ -151,20 +194,48 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / MIB:.0f}"
 
 
-def print_table(rows: Sequence[Row], targets: Sequence[Mapping[str, object]], checks: Mapping[str, bool]) -> None:
-    head = (
-        f"{'workload':10s} {'cache':5s} {'case':34s} {'median s':>8s} {'min-max s':>13s} "
-        f"{'cpu s':>6s} {'GB/s':>5s} {'x floor':>7s} {'anon MiB':>8s} {'cgroup MiB':>10s} {'other load':>10s}"
+_COLUMNS: tuple[tuple[str, int, Callable[[Row], str]], ...] = (
+    ("workload", -10, lambda r: r.workload),
+    ("cache", -5, lambda r: r.cache),
+    ("case", -34, lambda r: r.case),
+    ("median s", 8, lambda r: f"{r.median_s:.2f}"),
+    ("min-max s", 11, lambda r: f"{r.min_s:.2f}-{r.max_s:.2f}"),
+    ("cpu s", 6, lambda r: f"{r.cpu_s:.2f}"),
+    ("GB/s", 5, lambda r: f"{r.gb_per_s:.2f}"),
+    ("x floor", 7, lambda r: "-" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"),
+    ("anon MiB", 8, lambda r: _mib(r.peak_anon_bytes)),
+    ("cgroup MiB", 10, lambda r: _mib(r.peak_cgroup_bytes)),
+    ("others", 6, lambda r: f"{r.other_load_cores:.2f}"),
+    ("stolen", 6, lambda r: f"{r.stolen_cores:.2f}"),
+    ("cpu GB/s", 8, lambda r: f"{r.cpu_speed:.1f}"),
+    ("redone", 6, lambda r: str(r.discarded)),
+)
+LEGEND = (
+    "median of the rounds; GB/s = GB of model weights read from the training output per second; "
+    "x floor = over the fastest floor of the same workload and cache state; anon = peak RssAnon "
+    "of the process tree; cgroup = peak of the memcap cgroup (page cache included); others, "
+    "stolen = cores used by other processes, and taken by the host, during the run; cpu GB/s = "
+    "a reference cast timed around the run (lower = a slower machine at that moment); redone = "
+    "runs measured again because that cast showed the host had slowed the machine"
+)
+
+
+def _line(cells: Iterable[str]) -> str:
+    return " ".join(
+        f"{cell:<{-width}s}" if width < 0 else f"{cell:>{width}s}"
+        for cell, (_, width, _) in zip(cells, _COLUMNS, strict=True)
     )
+
+
+def print_table(
+    rows: Sequence[Row], targets: Sequence[Mapping[str, object]], checks: Mapping[str, bool]
+) -> None:
+    head = _line(name for name, _, _ in _COLUMNS)
     print(head)
     print("-" * len(head))
-    for r in rows:
-        ratio = "-" if r.ratio_to_floor is None else f"{r.ratio_to_floor:.2f}"
-        print(
-            f"{r.workload:10s} {r.cache:5s} {r.case:34s} {r.median_s:8.2f} "
-            f"{f'{r.min_s:.2f}-{r.max_s:.2f}':>13s} {r.cpu_s:6.2f} {r.gb_per_s:5.2f} {ratio:>7s} "
-            f"{_mib(r.peak_anon_bytes):>8s} {_mib(r.peak_cgroup_bytes):>10s} {r.other_load_cores:10.2f}"
-        )
+    for row in rows:
+        print(_line(cell(row) for _, _, cell in _COLUMNS))
+    print(LEGEND)
     print()
     for name, ok in checks.items():
         print(f"check {name}: {'yes' if ok else 'NO'}")

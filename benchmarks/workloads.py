@@ -20,7 +20,15 @@ from ms2hf.generator import GeneratorConfig, generate
 
 STAMP = "benchmark-workload.json"
 
-QWEN3_06B = dict(hidden=1024, heads=16, groups=8, head_dim=128, ffn=3072, tied=False, dtype="fp32")
+QWEN3_06B = {
+    "hidden": 1024,
+    "heads": 16,
+    "groups": 8,
+    "head_dim": 128,
+    "ffn": 3072,
+    "tied": False,
+    "dtype": "fp32",
+}
 """Qwen3-0.6B's sizes (untied), saved in fp32 with Adam states: workload W of the issue."""
 VOCAB = 151936
 
@@ -35,6 +43,7 @@ class Workload:
 def full_workloads() -> dict[str, Workload]:
     """W (TP2 x PP2), its DP2 + optimizer-sharding variant, and two smaller models for scaling:
     layers and vocabulary shrink together, so the model bytes are about 1/4, 1/2 and 1 of W."""
+
     def qwen(layers: int, vocab: int, **parallel: int) -> GeneratorConfig:
         return GeneratorConfig(layers=layers, vocab=vocab, **QWEN3_06B, **parallel)
 
@@ -48,14 +57,24 @@ def full_workloads() -> dict[str, Workload]:
                 "W as TP2 x DP2 x PP2 with optimizer sharding (-1)",
             ),
             Workload("S8", qwen(8, VOCAB // 4, tp=2, pp=2), "8 layers, vocab/4 (about 1/4 of W)"),
-            Workload("S14", qwen(14, VOCAB // 2, tp=2, pp=2), "14 layers, vocab/2 (about 1/2 of W)"),
+            Workload(
+                "S14", qwen(14, VOCAB // 2, tp=2, pp=2), "14 layers, vocab/2 (about 1/2 of W)"
+            ),
         )
     }
 
 
 def quick_workloads() -> dict[str, Workload]:
     """Small stand-ins with the same roles, for a smoke check of the harness (seconds)."""
-    small = dict(hidden=256, heads=8, groups=4, head_dim=32, ffn=768, tied=False, dtype="fp32")
+    small = {
+        "hidden": 256,
+        "heads": 8,
+        "groups": 4,
+        "head_dim": 32,
+        "ffn": 768,
+        "tied": False,
+        "dtype": "fp32",
+    }
 
     def qwen(layers: int, vocab: int, **parallel: int) -> GeneratorConfig:
         return GeneratorConfig(layers=layers, vocab=vocab, **small, **parallel)

@@ -13,8 +13,8 @@ from pathlib import Path
 from ms2hf import __version__
 from ms2hf.demo import DEMO_MODELS, run_demo
 from ms2hf.errors import Ms2hfError
-from ms2hf.pipeline.budget import parse_size
 from ms2hf.legacy_flags import add_merge_flags, add_reverse_flags, merge_request, reverse_request
+from ms2hf.pipeline.budget import parse_size
 from ms2hf.pipeline.convert import ConvertOptions, convert
 from ms2hf.pipeline.inspect import inspect
 from ms2hf.pipeline.merge import PART_SIZE, merge
@@ -243,11 +243,16 @@ def _add_merge(sub: argparse._SubParsersAction) -> Handler:
 
 def _run_merge(args: argparse.Namespace) -> int:
     request = merge_request(args)
-    for note in request.notes:
-        log.info("note: %s", note)
+    _log_notes(request.notes)
     report = merge(request.source, request.strategy, request.output, request.options)
     log.info("%s", report.summary())
     return 0
+
+
+def _log_notes(notes: Sequence[str]) -> None:
+    """What the old tools' flags changed (or did not), said once before the run."""
+    for note in notes:
+        log.info("note: %s", note)
 
 
 def _add_reverse(sub: argparse._SubParsersAction) -> Handler:
@@ -270,8 +275,7 @@ def _add_reverse(sub: argparse._SubParsersAction) -> Handler:
 
 def _run_reverse(args: argparse.Namespace) -> int:
     request = reverse_request(args, run_options(args))
-    for note in request.notes:
-        log.info("note: %s", note)
+    _log_notes(request.notes)
     report = reverse(request.source, request.output, request.options, request.model)
     log.info("%s", report.summary())
     return 0

@@ -4,14 +4,17 @@ each tensor's bytes at its known offset, in as many pieces and from as many thre
 The file is written under a temporary name and renamed only when every byte is in place, so a
 file with the final name is always complete. Each tensor is checksummed as its bytes go by, so
 committing a file also yields its content digest (``ms2hf.io.shard_digest``) without reading it
-back; that is what lets an interrupted run trust, after checking, the files it already finished. Tensors are ordered as the reference writer orders
-them (wider dtypes first, then by name), with compact JSON padded to a multiple of 8 bytes.
+back; that is what lets an interrupted run trust, after checking, the files it already finished.
+Written bytes go to the disk as they are written (``ms2hf.io.writeback``), not all at ``fsync``.
+Tensors are ordered as the reference writer orders them (wider dtypes first, then by name), with
+compact JSON padded to a multiple of 8 bytes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +86,16 @@ class ShardWriter:
         self.layout = layout
         self.temporary = temporary_name(self.path)
         self._written = {e.name: 0 for e in layout.entries}
-        self._crc = {e.name: 0 for e in layout.entries}
+        self._checksums = {e.name: shard_digest.TensorChecksum() for e in layout.entries}
         try:
             self._fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
             raise OutputError(f"{self.path}: cannot create {self.temporary.name}: {e.strerror or e}") from e
-        self._behind = WriteBehind(self._fd) if os.environ.get("MS2HF_NO_WB") is None else None
+        self._behind = WriteBehind(self._fd)
+        self._one_writer = threading.Lock()
+        """The kernel lets one buffered write into a file proceed at a time (the inode lock),
+        and a writer waiting for it there spins on a CPU that the other workers need; waiting
+        here, it sleeps. (Converting the 0.6B benchmark workload: 1.6 s instead of 1.8 s.)"""
         try:
             self._write_at(layout.header, 0)
         except BaseException:
@@ -100,19 +107,19 @@ class ShardWriter:
         if offset != self._written[name]:
             raise ValueError(f"{name}: bytes written at {offset}, expected {self._written[name]}")
         view = memoryview(data).cast("B")
-        self._crc[name] = shard_digest.crc(view, self._crc[name])
+        self._checksums[name].update(view)
         self._written[name] += len(view)
         self._write_at(view, self.layout.starts[name] + offset)
-        if self._behind is not None:
-            self._behind.written(self.layout.starts[name] + offset, len(view))
+        self._behind.written(self.layout.starts[name] + offset, len(view))
 
     def _write_at(self, data: bytes | memoryview, position: int) -> None:
         view = memoryview(data)
         try:
-            while view:
-                n = os.pwrite(self._fd, view, position)
-                view = view[n:]
-                position += n
+            with self._one_writer:
+                while view:
+                    n = os.pwrite(self._fd, view, position)
+                    view = view[n:]
+                    position += n
         except OSError as e:
             raise OutputError(
                 f"{self.path}: write failed: {e.strerror or e} (output disk full, or a file size "
@@ -132,7 +139,8 @@ class ShardWriter:
         except OSError as e:
             raise OutputError(f"{self.path}: cannot finish writing: {e.strerror or e}") from e
         return shard_digest.combine(
-            self.layout.header, ((e.name, e.nbytes, self._crc[e.name]) for e in self.layout.entries)
+            self.layout.header,
+            ((e.name, e.nbytes, self._checksums[e.name].value) for e in self.layout.entries),
         )
 
     def abort(self) -> None:

@@ -9,28 +9,30 @@ for page cache) they pile up against the limit. ``sync_file_range`` (Linux) star
 of a range without waiting, and later waits for ranges that are older than the window, so the
 disk always has work queued and at most ``window`` bytes of a file are dirty. Durability is
 unchanged: the file is still ``fsync``'d before it gets its final name. Where the call is
-missing, the kernel's own writeback applies, and only ``fsync`` waits.
+missing, the kernel's own writeback applies, and only ``fsync`` waits. (Converting the 0.6B
+benchmark workload with a warm cache: 2.8 s with write-behind, 3.6 s without; ``benchmarks/``.)
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 from collections import deque
+from collections.abc import Callable
 
 WINDOW_BYTES = 128 * 2**20
 """Dirty bytes per file before the oldest written range is waited for: enough to keep the disk
 busy between a worker's writes, small beside any memory budget."""
 
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
+PAGE_BYTES = 4096
 
 
-def _load_sync_file_range() -> ctypes._CFuncPtr | None:
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """From the C library the interpreter is linked with (``dlopen(NULL)``); None elsewhere."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        call = libc.sync_file_range
-    except (OSError, AttributeError):
+        call = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError, TypeError):
         return None
     call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
     call.restype = ctypes.c_int
@@ -60,6 +62,13 @@ class WriteBehind:
     def written(self, position: int, nbytes: int) -> None:
         """``nbytes`` at ``position`` were just written: start their writeback, and wait for the
         oldest ranges while more than the window is in flight."""
+        # Whole pages only: a page a neighbouring write has yet to fill is left for later (at
+        # the latest ``fsync``), since a write into a page under writeback waits for the disk.
+        start = -(-position // PAGE_BYTES) * PAGE_BYTES
+        end = (position + nbytes) // PAGE_BYTES * PAGE_BYTES
+        if end <= start:
+            return
+        position, nbytes = start, end - start
         _sync_range(self._fd, position, nbytes, _WRITE)
         with self._lock:
             self._pending.append((position, nbytes))
