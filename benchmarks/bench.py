@@ -1,11 +1,11 @@
 """Running cases in rounds, each run from the same starting state, and keeping what was measured.
 
-Every run starts alike: no output of an earlier run on disk or in the page cache (outputs are
-deleted before each run, not after, except those kept for a byte comparison), nothing dirty
-(``sync``), and the page cache holding the checkpoint's model bytes (*warm*: read once
-beforehand) or not (*cold*: dropped, then the programs' own code read back in, as after any
-earlier invocation). Cases are interleaved round by round, so drift and other load fall on all of
-them alike, and the median of the rounds is what is reported.
+Every run starts alike: no output of an earlier run on disk (outputs are deleted before each
+run, not after, except those kept for a byte comparison), nothing dirty, the page cache emptied
+and then holding the programs' own code (Python, numpy, ms2hf: loaded as by any earlier
+invocation) and, for *warm* runs, the checkpoint's model bytes, read the way the measured program
+reads them (``measure.warm``). Cases are interleaved round by round, so drift and other load fall
+on all of them alike, and the median of the rounds is what is reported.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class Case:
     steps: tuple[Step, ...]
     outputs: tuple[Path, ...]
     """What the commands write; kept after the last round when asked (``Bench.rounds``)."""
+    reads_by: str = "mmap"
+    """How the commands read their input (``measure.WARM_BY``): how *warm* warms it."""
 
 
 @dataclass
@@ -112,14 +114,12 @@ class Bench:
         self.kept.difference_update(paths)
         self.clear()
 
-    def _prepare(self, cache_state: str, ranges: Sequence[jobs.Range]) -> None:
+    def _prepare(self, case: Case, cache_state: str, ranges: Sequence[jobs.Range]) -> None:
         self.clear()
-        measure.sync()
-        if cache_state == "cold":
-            measure.drop_caches()
-            self._load_programs()
-        else:
-            measure.warm(ranges)
+        measure.drop_caches()  # also where not permitted: it writes back what is dirty
+        self._load_programs()
+        if cache_state == "warm":
+            measure.warm(ranges, case.reads_by)
 
     def run_case(self, case: Case, cache_state: str, ranges: Sequence[jobs.Range]) -> None:
         """Measure ``case`` once. A run starts when the machine is at its usual speed (the
@@ -128,7 +128,7 @@ class Bench:
         ``ATTEMPTS`` times in all, and kept in the record as discarded."""
         discarded: list[dict] = []
         for attempt in range(1, ATTEMPTS + 1):
-            self._prepare(cache_state, ranges)
+            self._prepare(case, cache_state, ranges)
             record = self._measure(case)
             self.fastest = max(self.fastest, *record["cpu_speed_gb_per_s"])
             slowed = min(record["cpu_speed_gb_per_s"]) < SLOWED * self.fastest

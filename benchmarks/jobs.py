@@ -90,14 +90,6 @@ def merge(root: Path, out: Path, *extra: str) -> list[str]:
     )
 
 
-def unified_folder(merge_out: Path) -> Path:
-    """Where ``merge`` put the unified checkpoint (``{step}_ckpt_convert/unified_safe``)."""
-    found = sorted(merge_out.glob("*_ckpt_convert/unified_safe"))
-    if len(found) != 1:
-        raise RuntimeError(f"{merge_out}: expected one *_ckpt_convert/unified_safe, found {found}")
-    return found[0]
-
-
 def reverse(unified: Path, out: Path, *extra: str) -> list[str]:
     return python(
         "-m",

@@ -11,6 +11,7 @@ small file reads per sample.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import subprocess
@@ -19,6 +20,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 SAMPLE_SECONDS = 0.01
 MEMCAP = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap"
@@ -165,15 +169,42 @@ def drop_caches() -> str | None:
     return None
 
 
-def warm(ranges: Sequence[tuple[str, int, int]], chunk: int = 16 * 2**20) -> None:
-    """Read ``(path, start, nbytes)`` ranges once, so that they are in the page cache."""
-    buffer = memoryview(bytearray(chunk))
+WARM_BY = ("read", "mmap")
+
+
+def warm(ranges: Sequence[tuple[str, int, int]], by: str) -> None:
+    """Bring ``(path, start, nbytes)`` ranges into the page cache the way a program that reads
+    them ``by`` ``read`` calls or through a memory map would: it matters. Readahead for a map
+    caches the file in 2 MiB folios, for ``read`` calls mostly in smaller ones, and a program
+    that maps its input runs up to 1.5x slower over the smaller ones (a plain reader does not
+    notice); warm is the cache as the program's own previous run left it."""
+    by_file: dict[str, list[tuple[int, int]]] = {}
     for path, start, nbytes in sorted(ranges):
+        by_file.setdefault(path, []).append((start, nbytes))
+    for path, spans in by_file.items():
         with open(path, "rb", buffering=0) as f:
-            f.seek(start)
-            left = nbytes
-            while left > 0:
-                n = f.readinto(buffer[: min(chunk, left)])
-                if not n:
-                    break
-                left -= n
+            if by == "mmap":
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    for start, nbytes in spans:
+                        _touch(m, start, nbytes)
+            else:
+                for start, nbytes in spans:
+                    _read(f, start, nbytes)
+
+
+def _touch(m: mmap.mmap, start: int, nbytes: int) -> None:
+    """Fault in every page of the range (one byte each)."""
+    first = start - start % mmap.PAGESIZE
+    pages = np.frombuffer(m, np.uint8, count=start + nbytes - first, offset=first)
+    int(pages[:: mmap.PAGESIZE].sum())
+    del pages
+
+
+def _read(f: BinaryIO, start: int, nbytes: int, chunk: int = 16 * 2**20) -> None:
+    buffer = memoryview(bytearray(chunk))
+    f.seek(start)
+    while nbytes > 0:
+        n = f.readinto(buffer[: min(chunk, nbytes)])
+        if not n:
+            break
+        nbytes -= n

@@ -21,14 +21,21 @@ from benchmarks import jobs
 from benchmarks.bench import Bench, Case, Step
 from benchmarks.floor import MODES as FLOOR_MODES
 from benchmarks.machine import describe
-from benchmarks.report import SCALING, SCALING_CASE, Row, evaluate, print_table, with_ratios
+from benchmarks.report import (
+    MEMCAP_LIMIT,
+    MEMORY_BUDGET,
+    SCALING,
+    SCALING_CASE,
+    Row,
+    evaluate,
+    print_table,
+    with_ratios,
+)
 from benchmarks.workloads import Workload, ensure, full_workloads, quick_workloads
 from ms2hf.io.unified_format import unified_dir
 
 HERE = Path(__file__).resolve().parent
-MEMCAP_LIMIT = "512M"
-MEMORY_BUDGET = "256MiB"
-SECTIONS = ("speed", "dp", "scaling", "workers", "memory")
+SECTIONS = ("speed", "dp", "scaling", "workers", "memory", "moe")
 
 
 def floor_cases(name: str, shape: jobs.Shape, bench: Bench) -> list[Case]:
@@ -38,12 +45,12 @@ def floor_cases(name: str, shape: jobs.Shape, bench: Bench) -> list[Case]:
         files[key] = bench.plans / f"floor-{name}-{key}.json"
         files[key].write_text(json.dumps(plan))
     cases = [
-        Case(name, f"floor {mode}", (Step(jobs.floor(files["convert"], mode)),), ())
+        Case(name, f"floor {mode}", (Step(jobs.floor(files["convert"], mode)),), (), "read")
         for mode in FLOOR_MODES
     ]
     mode = "overlapped"  # the faster mode for two passes; one mode keeps the run short
     steps = (Step(jobs.floor(files["merge"], mode)), Step(jobs.floor(files["reverse"], mode)))
-    cases.append(Case(name, f"floor {mode} (merge+reverse)", steps, ()))
+    cases.append(Case(name, f"floor {mode} (merge+reverse)", steps, (), "read"))
     return cases
 
 
@@ -66,16 +73,22 @@ def merge_reverse_case(
 
 
 def speed(
-    bench: Bench, workload: Workload, root: Path, shape: jobs.Shape, merge_reverse: bool
+    bench: Bench,
+    workload: Workload,
+    root: Path,
+    shape: jobs.Shape,
+    merge_reverse: bool,
+    keep: bool = False,
 ) -> None:
-    """Floors, convert and (for W) merge+reverse, warm and cold."""
+    """Floors, convert and (for W) merge+reverse, warm and cold. With ``keep``, convert's output
+    stays as the reference of ``memory_runs``."""
     name = workload.name
     bench.log(f"speed: {name}, floor vs convert" + (" vs merge+reverse" if merge_reverse else ""))
     cases = [c for c in floor_cases(name, shape, bench) if merge_reverse or "merge" not in c.name]
     cases.append(convert_case(name, root, bench.out / "converted"))
     if merge_reverse:
         cases.append(merge_reverse_case(workload, root, bench))
-    bench.rounds(cases, shape.reads, bench.states())
+    bench.rounds(cases, shape.reads, bench.states(), keep=keep)
 
 
 def scaling(bench: Bench, roots: dict[str, Path], shapes: dict[str, jobs.Shape]) -> None:
@@ -101,31 +114,36 @@ def workers(bench: Bench, root: Path, shape: jobs.Shape) -> dict[str, bool]:
     bench.rounds(cases, shape.reads, ["warm"], keep=True)
     same = files_identical(one, two)
     bench.release(one)
-    return {"workers_identical": same}
+    return {"W: workers 1 and 2 identical": same}
 
 
 def memory_runs(
-    bench: Bench, workload: Workload, root: Path, shape: jobs.Shape
-) -> tuple[dict[str, str] | None, dict[str, bool]]:
-    """Convert and merge+reverse under ``memcap`` with a budget smaller than the embedding; their
-    outputs must equal the uncapped convert's (kept by ``workers``)."""
+    bench: Bench,
+    workload: Workload,
+    root: Path,
+    shape: jobs.Shape,
+    reference: Path,
+    merge_reverse: bool,
+) -> dict[str, bool]:
+    """Convert (and merge+reverse) under ``memcap`` with a budget smaller than the largest
+    tensors; their outputs must equal the uncapped convert's ``reference`` output."""
     if bench.memcap_note:
         bench.log(f"note: memory runs skipped: memcap unavailable: {bench.memcap_note}")
-        return None, {}
-    bench.log(f"memory: under memcap {MEMCAP_LIMIT} with --memory-budget {MEMORY_BUDGET}")
+        return {}
+    name = workload.name
+    bench.log(f"memory: {name} under memcap {MEMCAP_LIMIT} with --memory-budget {MEMORY_BUDGET}")
     budget = ("--memory-budget", MEMORY_BUDGET)
     capped = bench.out / "capped"
-    cases = [
-        convert_case("W", root, capped, "convert (memcap)", *budget, memcap=MEMCAP_LIMIT),
-        merge_reverse_case(workload, root, bench, *budget, memcap=MEMCAP_LIMIT),
-    ]
+    cases = [convert_case(name, root, capped, "convert (memcap)", *budget, memcap=MEMCAP_LIMIT)]
+    if merge_reverse:
+        cases.append(merge_reverse_case(workload, root, bench, *budget, memcap=MEMCAP_LIMIT))
     bench.rounds(cases, shape.reads, ["warm"], keep=True)
-    reference = bench.out / "workers-2"
-    checks = {
-        "memcap_convert_identical": files_identical(capped, reference),
-        "reverse_identical_to_convert": files_identical(bench.out / "reversed", reference),
-    }
-    return {"limit": MEMCAP_LIMIT, "budget": MEMORY_BUDGET}, checks
+    checks = {f"{name}: memcap convert identical": files_identical(capped, reference)}
+    if merge_reverse:
+        reversed_ = bench.out / "reversed"
+        checks[f"{name}: reverse identical to convert"] = files_identical(reversed_, reference)
+    bench.release(*bench.kept)
+    return checks
 
 
 def _compared(folder: Path) -> list[str]:
@@ -201,7 +219,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sections = set(args.sections.split(",")) if args.sections else set(SECTIONS)
     checks: dict[str, bool] = {}
-    memory = None
     if "speed" in sections:
         speed(bench, workloads["W"], roots["W"], shapes["W"], merge_reverse=True)
     if "dp" in sections:
@@ -217,12 +234,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "workers" in sections or "memory" in sections:
         checks.update(workers(bench, roots["W"], shapes["W"]))
     if "memory" in sections:
-        memory, found = memory_runs(bench, workloads["W"], roots["W"], shapes["W"])
-        checks.update(found)
+        w = "W"
+        reference = bench.out / "workers-2"
+        checks.update(
+            memory_runs(bench, workloads[w], roots[w], shapes[w], reference, merge_reverse=True)
+        )
+    if "moe" in sections:
+        m = "M64"
+        speed(bench, workloads[m], roots[m], shapes[m], merge_reverse=False, keep=True)
+        reference = bench.out / "converted"
+        checks.update(
+            memory_runs(bench, workloads[m], roots[m], shapes[m], reference, merge_reverse=False)
+        )
     bench.release(*bench.kept)
 
     rows = with_ratios([Row.of(r, shapes[r.workload]) for r in bench.results.values()])
-    targets = evaluate(rows, checks, memory, bench.cold_note)
+    targets = evaluate(rows, checks, bench.memcap_note, bench.cold_note)
     print_table(rows, targets, checks)
     doc = {
         "command": "python -m benchmarks.run"

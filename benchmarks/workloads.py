@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ms2hf.generator import GeneratorConfig, generate
+from ms2hf.generator import GeneratorConfig, MoeConfig, generate
 
 STAMP = "benchmark-workload.json"
 
@@ -32,6 +32,20 @@ QWEN3_06B = {
 """Qwen3-0.6B's sizes (untied), saved in fp32 with Adam states: workload W of the issue."""
 VOCAB = 151936
 
+QWEN3_30B_A3B_HALVED = {
+    "hidden": 1024,
+    "heads": 16,
+    "groups": 4,
+    "head_dim": 128,
+    "ffn": 3072,
+    "tied": False,
+    "dtype": "fp32",
+}
+"""Qwen3-30B-A3B's shape at half its width (hidden 2048 -> 1024, 32 -> 16 heads, 4 KV groups,
+expert FFN 768 -> 384), for the MoE workload: 64 experts per layer, each layer's grouped expert
+weights (300 MB in fp32) larger than the memory budget of the memcap runs."""
+MOE_64 = MoeConfig(experts=64, moe_ffn=384, top_k=8, ep=4)
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -41,8 +55,9 @@ class Workload:
 
 
 def full_workloads() -> dict[str, Workload]:
-    """W (TP2 x PP2), its DP2 + optimizer-sharding variant, and two smaller models for scaling:
-    layers and vocabulary shrink together, so the model bytes are about 1/4, 1/2 and 1 of W."""
+    """W (TP2 x PP2), its DP2 + optimizer-sharding variant, two smaller models for scaling
+    (layers and vocabulary shrink together, so the model bytes are about 1/4, 1/2 and 1 of W),
+    and M64, a Qwen3-MoE with 64 experts per layer split over 4 expert-parallel ranks."""
 
     def qwen(layers: int, vocab: int, **parallel: int) -> GeneratorConfig:
         return GeneratorConfig(layers=layers, vocab=vocab, **QWEN3_06B, **parallel)
@@ -59,6 +74,21 @@ def full_workloads() -> dict[str, Workload]:
             Workload("S8", qwen(8, VOCAB // 4, tp=2, pp=2), "8 layers, vocab/4 (about 1/4 of W)"),
             Workload(
                 "S14", qwen(14, VOCAB // 2, tp=2, pp=2), "14 layers, vocab/2 (about 1/2 of W)"
+            ),
+            Workload(
+                "M64",
+                GeneratorConfig(
+                    layers=6,
+                    vocab=VOCAB,
+                    **QWEN3_30B_A3B_HALVED,
+                    tp=2,
+                    dp=2,
+                    pp=2,
+                    opt_shard=-1,
+                    moe=MOE_64,
+                ),
+                "Qwen3-MoE, 6 layers x 64 experts (Qwen3-30B-A3B at half width), fp32 + Adam, "
+                "TP2 x DP2 x PP2, EP4, optimizer sharding",
             ),
         )
     }
@@ -90,6 +120,20 @@ def quick_workloads() -> dict[str, Workload]:
             ),
             Workload("S8", qwen(2, 8192, tp=2, pp=2), "quick: 1/4 size"),
             Workload("S14", qwen(4, 16384, tp=2, pp=2), "quick: 1/2 size"),
+            Workload(
+                "M64",
+                GeneratorConfig(
+                    layers=2,
+                    vocab=8192,
+                    **small,
+                    tp=2,
+                    dp=2,
+                    pp=2,
+                    opt_shard=-1,
+                    moe=MoeConfig(experts=64, moe_ffn=64, top_k=8, ep=4),
+                ),
+                "quick: small Qwen3-MoE, 64 experts, TP2 x DP2 x PP2, EP4",
+            ),
         )
     }
 

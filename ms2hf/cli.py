@@ -1,4 +1,8 @@
-"""The ``ms2hf`` command line."""
+"""The ``ms2hf`` command line.
+
+Commands other than ``convert`` and ``merge`` import their modules when they run: every run
+pays for what is imported at start-up, and a conversion's start-up is part of its time.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +20,8 @@ from ms2hf.errors import Ms2hfError
 from ms2hf.legacy_flags import add_merge_flags, add_reverse_flags, merge_request, reverse_request
 from ms2hf.pipeline.budget import parse_size
 from ms2hf.pipeline.convert import ConvertOptions, convert
-from ms2hf.pipeline.inspect import inspect
 from ms2hf.pipeline.merge import PART_SIZE, merge
-from ms2hf.pipeline.reverse import reverse
 from ms2hf.pipeline.shards import SHARD_LAYOUTS
-from ms2hf.pipeline.verify import VerifyOptions, verify
-from ms2hf.report_text import inspect_text
 from ms2hf.transforms.casts import TARGETS
 
 log = logging.getLogger("ms2hf")
@@ -206,6 +206,9 @@ def _add_inspect(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    from ms2hf.pipeline.inspect import inspect
+    from ms2hf.report_text import inspect_text
+
     options = ConvertOptions(
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
@@ -274,6 +277,8 @@ def _add_reverse(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _run_reverse(args: argparse.Namespace) -> int:
+    from ms2hf.pipeline.reverse import reverse
+
     request = reverse_request(args, run_options(args))
     _log_notes(request.notes)
     report = reverse(request.source, request.output, request.options, request.model)
@@ -301,6 +306,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
+    from ms2hf.pipeline.verify import VerifyOptions, verify
+
     options = VerifyOptions(
         step=args.step, config=args.config, memory_budget=args.memory_budget, workers=args.workers
     )

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator.config import GeneratorConfig
@@ -316,6 +315,8 @@ def _write_small_files(
         },
         "model": {"model_config": model.model_config},
     }
+    import yaml  # here, not above: the CLI imports this module, and most runs need no YAML
+
     (root / TRAIN_YAML).write_text(yaml.safe_dump(train, sort_keys=False))
 
 

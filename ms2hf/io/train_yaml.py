@@ -11,8 +11,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ms2hf.errors import FormatError
 
 ALIASES: dict[str, str] = {
@@ -63,6 +61,8 @@ def _number(value: Any) -> Any:
 
 def read_train_config(path: str | Path) -> dict[str, tuple[Any, str]]:
     """``{hf_name: (value, where it came from)}`` from ``model.model_config`` of the yaml."""
+    import yaml  # here, not above: only runs given a yaml pay for PyYAML's import (~25 ms)
+
     path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -12,7 +12,6 @@ that describe the set (the index last) are written only once every shard is in p
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -171,7 +170,9 @@ def _fingerprint(
     check: BandCheck | None,
 ) -> str:
     """What decides the bytes of a run: every output tensor's recipe, the source blocks it reads,
-    and the identity (size, modification time) of every source file."""
+    and the identity (size, modification time) of every source file. A recipe is described by its
+    ``repr`` (frozen dataclasses of ints, strings and tuples: exact, and ten times cheaper than
+    ``dataclasses.astuple`` on a plan of 37,000 tensors)."""
     used = sorted({t.tensor.source for f in files for t in f.tensors})
     where: dict[Path, str] = {}
     stats: dict[str, list[int]] = {}
@@ -186,7 +187,7 @@ def _fingerprint(
         "metadata": dict(metadata),
         "check": repr(check),
         "files": [
-            [f.name, [[t.dtype, dataclasses.astuple(t.tensor)] for t in f.tensors]] for f in files
+            [f.name, [[t.dtype, repr(t.tensor)] for t in f.tensors]] for f in files
         ],
         "sources": {
             name: [
