@@ -207,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    cache = args.cache.resolve()
+    # The quick stand-ins have the full workloads' names: apart, so neither evicts the other.
+    cache = args.cache.resolve() / ("quick" if args.quick else "")
     roots = {name: ensure(w, cache, log) for name, w in workloads.items()}
     shapes = {name: jobs.workload_shape(root) for name, root in roots.items()}
     bench = Bench(cache, repeat, log)

@@ -139,7 +139,8 @@ def quick_workloads() -> dict[str, Workload]:
 
 
 def _stamp(config: GeneratorConfig) -> dict[str, object]:
-    return {"generator_config": dataclasses.asdict(config)}
+    """As read back from the stamp file: through JSON, where tuples become lists."""
+    return json.loads(json.dumps({"generator_config": dataclasses.asdict(config)}))
 
 
 def ensure(workload: Workload, cache: Path, log: Callable[[str], None] = print) -> Path:
