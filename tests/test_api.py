@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -89,3 +91,25 @@ def test_memory_sampler_sees_an_allocation() -> None:
         del block
     assert memory.peak_anonymous - before >= size * 0.9
     assert peak_rss_bytes() >= memory.peak_anonymous
+
+
+def test_public_names_resolve_and_unknown_names_fail() -> None:
+    for name in ms2hf.__all__:
+        assert getattr(ms2hf, name) is not None
+    assert ms2hf.convert.__module__ == "ms2hf.api"
+    assert issubclass(ms2hf.Ms2hfError, Exception)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        ms2hf.nonexistent  # noqa: B018
+
+
+def test_convert_start_up_imports_only_what_convert_needs() -> None:
+    """Start-up is part of every conversion's time: the command line must not import the other
+    commands' modules, nor PyYAML when no yaml is given."""
+    code = (
+        "import sys, ms2hf.cli; "
+        "print(sorted(m for m in ('yaml', 'ms2hf.api', 'ms2hf.pipeline.inspect', "
+        "'ms2hf.pipeline.verify', 'ms2hf.pipeline.reverse', 'ms2hf.report_text') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
