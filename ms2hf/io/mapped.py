@@ -66,16 +66,6 @@ class MappedFiles:
             )
         return np.frombuffer(m, dtype=dtype, count=count, offset=start).reshape(shape)
 
-    def advise_willneed(self, path: Path, start: int, length: int) -> None:
-        """Ask the kernel to start reading a range now, so copies do not wait on page faults."""
-        with self._lock:
-            m = self._map(path)
-        page = mmap.PAGESIZE
-        begin = start - start % page
-        length = min(length + (start - begin), len(m) - begin)
-        if length > 0 and hasattr(m, "madvise"):
-            m.madvise(mmap.MADV_WILLNEED, begin, length)
-
     def close(self) -> None:
         with self._lock:
             for m in self._maps.values():
