@@ -18,7 +18,6 @@ Run as ``python -m benchmarks.floor PLAN.json MODE``; ``PLAN.json`` is made by `
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import queue
@@ -27,18 +26,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-
-def _load_write_behind() -> type:
-    """``convert``'s own write-behind, loaded from its file: importing the ``ms2hf`` package would
-    add its start-up (numpy and the whole pipeline, about 0.4 s) to a program that needs none."""
-    path = Path(__file__).resolve().parents[1] / "ms2hf" / "io" / "writeback.py"
-    spec = importlib.util.spec_from_file_location("_floor_writeback", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.WriteBehind
-
-
-WriteBehind = _load_write_behind()
+from ms2hf.io.writeback import WriteBehind  # the package imports nothing else eagerly
 
 CHUNK_BYTES = 16 * 2**20
 MODES = ("sequential", "overlapped")

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from benchmarks.floor import floor_plan
 from ms2hf.io.dtypes import nbytes
+from ms2hf.io.hf_output import HF_METADATA
 from ms2hf.io.safetensors_writer import layout_shard
 from ms2hf.io.unified_format import METADATA as UNIFIED_METADATA
-from ms2hf.pipeline.convert import HF_METADATA, ConvertOptions, plan_hf_checkpoint
+from ms2hf.pipeline.convert import ConvertOptions, plan_hf_checkpoint
 from ms2hf.pipeline.merge import PART_SIZE, plan_unified_files
 from ms2hf.pipeline.source_plan import SourceParam, plan_source
 

@@ -178,6 +178,8 @@ def warm(ranges: Sequence[tuple[str, int, int]], by: str) -> None:
     caches the file in 2 MiB folios, for ``read`` calls mostly in smaller ones, and a program
     that maps its input runs up to 1.5x slower over the smaller ones (a plain reader does not
     notice); warm is the cache as the program's own previous run left it."""
+    if by not in WARM_BY:
+        raise ValueError(f"warm by {by!r}: expected one of {', '.join(WARM_BY)}")
     by_file: dict[str, list[tuple[int, int]]] = {}
     for path, start, nbytes in sorted(ranges):
         by_file.setdefault(path, []).append((start, nbytes))

@@ -35,7 +35,16 @@ from benchmarks.workloads import Workload, ensure, full_workloads, quick_workloa
 from ms2hf.io.unified_format import unified_dir
 
 HERE = Path(__file__).resolve().parent
-SECTIONS = ("speed", "dp", "scaling", "workers", "memory", "moe")
+NEEDS: dict[str, tuple[str, ...]] = {
+    "speed": ("W",),
+    "dp": ("W-dp2-opt",),
+    "scaling": SCALING,
+    "workers": ("W",),
+    "memory": ("W",),
+    "moe": ("M64",),
+}
+"""Each section -> the workloads it measures: only those are generated and planned."""
+SECTIONS = tuple(NEEDS)
 
 
 def floor_cases(name: str, shape: jobs.Shape, bench: Bench) -> list[Case]:
@@ -201,7 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     repeat = 1 if args.quick else args.repeat
     out_json = args.json or HERE / "results" / ("quick.json" if args.quick else "latest.json")
-    workloads = quick_workloads() if args.quick else full_workloads()
+    sections = set(args.sections.split(",")) if args.sections else set(SECTIONS)
+    if unknown := sections - set(SECTIONS):
+        parser.error(f"--sections: unknown {', '.join(sorted(unknown))}")
+    needed = {name for section in sections for name in NEEDS[section]}
+    every = quick_workloads() if args.quick else full_workloads()
+    workloads = {name: w for name, w in every.items() if name in needed}
     started = time.perf_counter()
 
     def log(text: str) -> None:
@@ -218,7 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         log(f"note: cold runs skipped: {bench.cold_note}")
     log(f"load average at start: {os.getloadavg()}")
 
-    sections = set(args.sections.split(",")) if args.sections else set(SECTIONS)
     checks: dict[str, bool] = {}
     if "speed" in sections:
         speed(bench, workloads["W"], roots["W"], shapes["W"], merge_reverse=True)

@@ -7,26 +7,31 @@ pays for what is imported at start-up, and a conversion's start-up is part of it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ms2hf import __version__
-from ms2hf.demo import DEMO_MODELS, run_demo
 from ms2hf.errors import Ms2hfError
 from ms2hf.legacy_flags import add_merge_flags, add_reverse_flags, merge_request, reverse_request
 from ms2hf.pipeline.budget import parse_size
 from ms2hf.pipeline.convert import ConvertOptions, convert
-from ms2hf.pipeline.merge import PART_SIZE, merge
+from ms2hf.pipeline.merge import PART_SIZE, MergeOptions, merge
 from ms2hf.pipeline.shards import SHARD_LAYOUTS
 from ms2hf.transforms.casts import TARGETS
 
 log = logging.getLogger("ms2hf")
 
 Handler = Callable[[argparse.Namespace], int]
+
+DEMO_MODEL_NAMES = ("qwen3", "qwen3-moe")
+"""``ms2hf.demo.DEMO_MODELS``' keys, spelled here so that no other command imports the demo and
+the generator behind it (a test keeps the two equal)."""
 
 
 def size_arg(text: str) -> int:
@@ -121,21 +126,34 @@ def add_resource_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run_options(args: argparse.Namespace) -> ConvertOptions:
+def hf_options(args: argparse.Namespace) -> ConvertOptions:
+    """What ``add_hf_options``, ``add_config_option`` and ``--step`` set: what to write."""
     return ConvertOptions(
         dtype=args.dtype,
         max_shard_size=args.max_shard_size,
-        memory_budget=args.memory_budget,
-        workers=args.workers,
         step=getattr(args, "step", None),
         config=args.config,
         reference_config=args.reference_config,
         tokenizer_dir=args.tokenizer_dir,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        strict=args.strict,
-        check_replicas=getattr(args, "check_replicas", False),
     )
+
+
+def run_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """How to run, as ``add_resource_options``, ``add_output_options`` and the verbosity flags
+    set it: the fields ``ConvertOptions`` and ``MergeOptions`` share."""
+    return {
+        "memory_budget": args.memory_budget,
+        "workers": args.workers,
+        "overwrite": args.overwrite,
+        "progress": not args.quiet,
+        "strict": args.strict,
+        "check_replicas": getattr(args, "check_replicas", False),
+    }
+
+
+def run_options(args: argparse.Namespace) -> ConvertOptions:
+    """``hf_options`` and how to run."""
+    return dataclasses.replace(hf_options(args), **run_fields(args))
 
 
 def _add_convert(sub: argparse._SubParsersAction) -> Handler:
@@ -172,8 +190,6 @@ def _print_json(doc: object) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    if args.training_output is None and (args.checkpoint_dir is None or args.strategy_dir is None):
-        raise Ms2hfError("give TRAINING_OUTPUT, or both --checkpoint-dir and --strategy-dir")
     report = convert(
         args.training_output,
         args.hf_dir,
@@ -209,15 +225,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     from ms2hf.pipeline.inspect import inspect
     from ms2hf.report_text import inspect_text
 
-    options = ConvertOptions(
-        dtype=args.dtype,
-        max_shard_size=args.max_shard_size,
-        step=args.step,
-        config=args.config,
-        reference_config=args.reference_config,
-        tokenizer_dir=args.tokenizer_dir,
-    )
-    report = inspect(args.path, options)
+    report = inspect(args.path, hf_options(args))
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -245,7 +253,8 @@ def _add_merge(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    request = merge_request(args)
+    options = MergeOptions(config=args.config, part_size=args.part_size, **run_fields(args))
+    request = merge_request(args, options)
     _log_notes(request.notes)
     report = merge(request.source, request.strategy, request.output, request.options)
     log.info("%s", report.summary())
@@ -328,7 +337,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--dtype", choices=list(TARGETS), default="bf16", help="output dtype (default: bf16)")
     p.add_argument(
         "--model",
-        choices=list(DEMO_MODELS),
+        choices=DEMO_MODEL_NAMES,
         default="qwen3",
         help="qwen3-moe adds 16 experts per layer over expert parallel 4 (default: qwen3)",
     )
@@ -337,6 +346,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from ms2hf.demo import run_demo
+
     result = run_demo(args.out_dir, args.dtype, progress=not args.quiet, model=args.model)
     print(result.summary())
     return 0 if result.ok else 1

@@ -14,20 +14,26 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ms2hf.errors import Ms2hfError
-from ms2hf.pipeline.convert import ConvertOptions, default_workers
+from ms2hf.io.train_yaml import ALIASES
+from ms2hf.pipeline.budget import default_workers
+from ms2hf.pipeline.convert import ConvertOptions
 from ms2hf.pipeline.merge import MergeOptions
 
 REVERSE_SIZE_FLAGS = {
-    "num_layers": "num_hidden_layers",
-    "num_attention_heads": "num_attention_heads",
-    "num_query_groups": "num_key_value_heads",
-    "kv_channels": "head_dim",
-    "ffn_hidden_size": "intermediate_size",
-    "hidden_size": "hidden_size",
-    "num_routed_experts": "num_experts",
-    "moe_ffn_hidden_size": "moe_intermediate_size",
+    flag: ALIASES[flag]
+    for flag in (
+        "num_layers",
+        "num_attention_heads",
+        "num_query_groups",
+        "kv_channels",
+        "ffn_hidden_size",
+        "hidden_size",
+        "num_routed_experts",
+        "moe_ffn_hidden_size",
+    )
 }
-"""``convert_weight.py`` size flags -> the Hugging Face names the weights are checked under."""
+"""``convert_weight.py`` size flags -> the Hugging Face names the weights are checked under:
+the training yaml's spellings, so one alias table serves both."""
 
 _BOOLS = {"true": True, "false": False}
 
@@ -184,24 +190,19 @@ def legacy_workers(
     return value
 
 
-def merge_request(args: argparse.Namespace) -> MergeRequest:
+def merge_request(args: argparse.Namespace, options: MergeOptions) -> MergeRequest:
+    """``options`` holds ms2hf's own options; the old flags are laid over them."""
     notes: list[str] = []
     if args.format == "ckpt":
         raise Ms2hfError("--format ckpt: ms2hf reads safetensors checkpoints only")
     if args.format == "safetensors":
         notes.append("--format safetensors changes nothing: safetensors is the only format read")
-    options = MergeOptions(
+    options = replace(
+        options,
         step=args.step,
-        part_size=args.part_size,
         exclude_prefix=args.filter_out_param_prefix,
         has_redundancy=args.has_redundancy,
-        config=args.config,
-        memory_budget=args.memory_budget,
-        workers=legacy_workers(args.workers, args.max_process_num, "--max_process_num", notes),
-        overwrite=args.overwrite,
-        strict=args.strict,
-        check_replicas=args.check_replicas,
-        progress=not args.quiet,
+        workers=legacy_workers(options.workers, args.max_process_num, "--max_process_num", notes),
     )
     return MergeRequest(
         args.checkpoint_dir, args.output_dir, tuple(notes), args.strategy_dir, options

@@ -86,7 +86,7 @@ def param_lines(report: InspectReport) -> list[str]:
 
 def file_lines(report: InspectReport) -> list[str]:
     files = report.files
-    head = f"files: {len(files)}, {format_size(sum(f.bytes for f in files))}"
+    head = f"files: {len(files)}, {format_size(report.bytes.files)}"
     if len(files) > LISTED_FILES:
         sizes = [f.bytes for f in files]
         return [f"{head} ({format_size(min(sizes))} to {format_size(max(sizes))} each)"]

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+from ms2hf.cli import main
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.pipeline.merge import MergeOptions, merge
@@ -74,3 +76,19 @@ def unified_of(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], Pat
         return done[fixture]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """``main`` configures the ms2hf logger for a terminal (its own handler, no propagation);
+    every test that runs the command line leaves it as the next test expects."""
+    logger = logging.getLogger("ms2hf")
+    state = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = state
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
+    """``ms2hf ARGV...`` in-process: its exit status and what it printed to stderr."""
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err

@@ -108,7 +108,8 @@ def test_convert_start_up_imports_only_what_convert_needs() -> None:
     code = (
         "import sys, ms2hf.cli; "
         "print(sorted(m for m in ('yaml', 'ms2hf.api', 'ms2hf.pipeline.inspect', "
-        "'ms2hf.pipeline.verify', 'ms2hf.pipeline.reverse', 'ms2hf.report_text') "
+        "'ms2hf.pipeline.verify', 'ms2hf.pipeline.reverse', 'ms2hf.report_text', "
+        "'ms2hf.demo', 'ms2hf.generator') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -22,12 +22,8 @@ from ms2hf.cli import main
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.strategy_proto import ParallelStrategyMap
 from tests.conftest import folder_bytes
+from tests.conftest import run_cli as run
 from tests.edit_checkpoint import copy_fixture, edit_header, edit_tensors, join, rank_file, split
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
 
 
 def convert_fails(capsys: pytest.CaptureFixture[str], root: Path, *extra: object) -> str:

@@ -134,13 +134,32 @@ def test_generation_is_deterministic(tmp_path: Path) -> None:
         assert a.read_bytes() == b.read_bytes()
 
 
+def test_training_output_alone_is_the_same_bytes_without_the_expected_file(
+    tmp_path: Path,
+) -> None:
+    config = GeneratorConfig(
+        layers=2,
+        hidden=32,
+        heads=2,
+        groups=1,
+        head_dim=8,
+        ffn=16,
+        vocab=32,
+        tp=2,
+        pp=2,
+        moe=MoeConfig(experts=4, moe_ffn=8, ep=2),
+    )
+    full, alone = generate(config, tmp_path / "a"), generate(config, tmp_path / "b", expected=False)
+    assert full.expected.is_file() and not alone.expected.exists()
+    for a, b in zip(full.rank_files, alone.rank_files, strict=True):
+        assert a.read_bytes() == b.read_bytes()
+
+
 def test_router_statistic_is_fp32_outside_the_optimizer(tmp_path: Path) -> None:
     """``fi_accu``, as TopKRouter creates it: float32 in a bf16 run, no Adam states, never
     optimizer-sharded while the weights around it are, and not a Hugging Face tensor."""
     moe = MoeConfig(experts=4, moe_ffn=8, ep=2)
-    generated = generate(
-        GeneratorConfig(dtype="bf16", tp=2, dp=2, opt_shard=-1, moe=moe), tmp_path
-    )
+    generated = generate(GeneratorConfig(dtype="bf16", tp=2, dp=2, opt_shard=-1, moe=moe), tmp_path)
     name = "decoder.layers.0.mlp.router.fi_accu"
     for path in generated.rank_files:
         tensors = SafetensorsHeader(path).tensors
@@ -307,8 +326,6 @@ def test_impossible_settings_are_refused_by_name(
         ({}, {"moe_ffn": 0}, "MoeConfig.moe_ffn = 0"),
     ],
 )
-def test_impossible_moe_settings_are_refused_by_name(
-    parallel: dict, moe: dict, named: str
-) -> None:
+def test_impossible_moe_settings_are_refused_by_name(parallel: dict, moe: dict, named: str) -> None:
     with pytest.raises(Ms2hfError, match=re.escape(named)):
         GeneratorConfig(**parallel, moe=MoeConfig(**moe))

@@ -4,8 +4,7 @@ tools accept works; every flag that disagrees with the weights fails naming itse
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from ms2hf.cli import main
 from ms2hf.generator import GeneratorConfig, generate
 from ms2hf.pipeline.convert import ConvertOptions, convert
 from tests.conftest import DATA, MOE_FIXTURES, folder_bytes, load_hf_dir, load_tensors
+from tests.conftest import run_cli as run
 from tests.test_merge import load_unified, ms_params, training_params
 from tests.test_reverse import assert_same_tensors
 
@@ -27,20 +27,6 @@ TINY_FLAGS = {
     "kv_channels": "32",
     "ffn_hidden_size": "192",
 }
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    """``main`` configures the ms2hf logger for a terminal; leave it as other tests expect."""
-    logger = logging.getLogger("ms2hf")
-    state = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = state
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
 
 
 def merge_argv(fixture: Path, out: Path, *extra: str, equals: bool = False) -> list[str]:

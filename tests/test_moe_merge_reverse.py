@@ -13,7 +13,8 @@ import pytest
 from ms2hf.generator import Generated, GeneratorConfig, MoeConfig, generate
 from ms2hf.pipeline.merge import MergeOptions, merge
 from tests.conftest import folder_bytes, load_hf_dir, load_tensors
-from tests.test_legacy_flags import _restore_logging, reverse_argv, run  # noqa: F401 (autouse)
+from tests.conftest import run_cli as run
+from tests.test_legacy_flags import reverse_argv
 from tests.test_merge import load_unified, ms_params
 
 RUN = GeneratorConfig(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator.config import GeneratorConfig
@@ -30,6 +31,7 @@ from ms2hf.generator.models import model_spec
 from ms2hf.generator.params import ModelSpec
 from ms2hf.generator.strategy_file import encode_stage
 from ms2hf.io.dtypes import to_numpy
+from ms2hf.io.hf_output import HF_METADATA
 from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
 from ms2hf.transforms.models import hf_model
 from ms2hf.transforms.rules import OutputTensor, Piece
@@ -38,7 +40,6 @@ BAND_BYTES = 64 << 20
 EXPECTED = Path("expected") / "hf_model.safetensors"
 EXPECTED_CONFIG = Path("expected") / "config.json"
 TRAIN_YAML = Path("train.yaml")
-HF_METADATA = {"format": "pt"}
 ADAM_STATE = "F32"
 
 Weights = Mapping[str, np.ndarray]
@@ -192,7 +193,7 @@ def _build_param(
     p: PlacedParam,
     outputs: Sequence[OutputTensor],
     config: GeneratorConfig,
-    expected: ShardWriter,
+    expected: ShardWriter | None,
     weights: Weights | None,
 ) -> np.ndarray:
     """A full parameter, made of the Hugging Face tensors drawn or given for it (written as
@@ -206,8 +207,9 @@ def _build_param(
     for same in _same_tensor(outputs):
         values = _values(config, same, dtype, weights)
         _scatter(matrix, same[0].pieces, values)
-        for t in same:
-            _write_rows(expected, t.name, values)
+        if expected is not None:
+            for t in same:
+                _write_rows(expected, t.name, values)
         covered += values.size
     if covered != full.size:
         raise Ms2hfError(
@@ -262,9 +264,10 @@ def _write_tensors(
     config: GeneratorConfig,
     outputs: Sequence[OutputTensor],
     weights: Weights | None,
+    with_expected: bool,
 ) -> None:
-    """Every rank file and the expected Hugging Face file, one parameter at a time; on any
-    error no file is left under its final name."""
+    """Every rank file and (``with_expected``) the expected Hugging Face file, one parameter at
+    a time; on any error no file is left under its final name."""
     placed = [p for params in stages for p in params]
     saved = [savers(params, config.remove_redundancy) for params in stages]
     per_stage = config.devices_per_stage
@@ -279,9 +282,11 @@ def _write_tensors(
             writers.append(ShardWriter(path, layout_shard(entries, metadata)))
             for name, (_, value) in scalars.items():
                 _write_rows(writers[-1], name, value)
-        hf_entries = [TensorEntry(t.name, config.source_dtype, t.shape) for t in outputs]
-        expected = ShardWriter(root / EXPECTED, layout_shard(hf_entries, HF_METADATA))
-        writers.append(expected)
+        expected = None
+        if with_expected:
+            hf_entries = [TensorEntry(t.name, config.source_dtype, t.shape) for t in outputs]
+            expected = ShardWriter(root / EXPECTED, layout_shard(hf_entries, HF_METADATA))
+            writers.append(expected)
         for p in placed:
             made_of = [t for t in outputs if t.source == p.spec.name]
             full = _build_param(p, made_of, config, expected, weights)
@@ -315,20 +320,23 @@ def _write_small_files(
         },
         "model": {"model_config": model.model_config},
     }
-    import yaml  # here, not above: the CLI imports this module, and most runs need no YAML
-
     (root / TRAIN_YAML).write_text(yaml.safe_dump(train, sort_keys=False))
 
 
 def generate(
-    config: GeneratorConfig, out_dir: str | os.PathLike[str], weights: Weights | None = None
+    config: GeneratorConfig,
+    out_dir: str | os.PathLike[str],
+    weights: Weights | None = None,
+    *,
+    expected: bool = True,
 ) -> Generated:
     """Write a MindSpore Transformers training output for ``config`` into ``out_dir``
     (``checkpoint/``, ``strategy/``), with ``expected/`` and ``train.yaml`` beside them.
     ``weights`` (Hugging Face names) replace the seeded draws; every tensor of the model must be
     given, in its shape, and nothing else (checked before any file is written); each is cast to
-    its parameter's dtype. Files of an earlier run with the same names are replaced; nothing
-    else is touched."""
+    its parameter's dtype. Without ``expected`` the expected Hugging Face tensors are not
+    written (a benchmark needs only the training output; the rank files are the same bytes).
+    Files of an earlier run with the same names are replaced; nothing else is touched."""
     root = Path(out_dir)
     model = model_spec(config)
     outputs = _hf_outputs(model, config)
@@ -350,6 +358,6 @@ def generate(
         / f"{config.prefix}_rank_{r}-{config.file_suffix}.safetensors"
         for r in range(config.world)
     ]
-    _write_tensors(root, stages, rank_files, config, outputs, weights)
+    _write_tensors(root, stages, rank_files, config, outputs, weights, expected)
     _write_small_files(root, model, config, rank_files)
     return Generated(root, config, tuple(rank_files))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator.params import ParamSpec
-from ms2hf.io.strategy import Layout
+from ms2hf.io.strategy import Layout, stored_tensor_map
 from ms2hf.pipeline.placement import block_coords, grid, holders
 
 SAVED_STATES = ("adam_m.", "adam_v.")
@@ -37,8 +37,7 @@ class PlacedParam:
     @property
     def splits(self) -> tuple[int, ...]:
         """Model-parallel parts per dim: the weight's entry in ``parallel_strategy_item``."""
-        g = grid(self.layout, len(self.spec.shape))
-        return (g.parts[0] // g.opt_chunks, *g.parts[1:])
+        return grid(self.layout, len(self.spec.shape)).model_parts
 
     def region(self, local_rank: int) -> tuple[slice, ...]:
         """The part of the full tensor that ``local_rank`` holds."""
@@ -57,10 +56,7 @@ def place(spec: ParamSpec, opt_shard: int) -> PlacedParam:
     chunks; otherwise the parameter stays unsharded (step and size 0). The fixtures do not show
     what MindSpore writes for such a parameter; any reader takes 0 as unsharded."""
     ndim = len(spec.shape)
-    stored = list(spec.tensor_map)
-    while stored and not stored[-1]:  # as a reader keeps them: trailing empty entries dropped
-        stored.pop()
-    base = Layout(spec.dev_matrix, tuple(stored))
+    base = Layout(spec.dev_matrix, stored_tensor_map(spec.tensor_map))
     parts = grid(base, ndim).parts
     if any(d % p for d, p in zip(spec.shape, parts)):
         raise Ms2hfError(

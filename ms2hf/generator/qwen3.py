@@ -19,6 +19,7 @@ from typing import Any
 from ms2hf.generator.config import GeneratorConfig
 from ms2hf.generator.params import ModelSpec, ParamSpec
 from ms2hf.io.strategy import NOT_SPLIT
+from ms2hf.transforms.hf_config import DTYPE_NAMES
 from ms2hf.transforms.qwen3 import EMBEDDING, FC1, FINAL_NORM, O_PROJ, OUTPUT_LAYER, Q_NORM, QKV
 
 TensorMap = tuple[tuple[int, ...], ...]
@@ -33,7 +34,6 @@ COLUMN: TensorMap = ((TP_AXIS,), (NOT_SPLIT,))
 ROW: TensorMap = ((NOT_SPLIT,), (TP_AXIS,))
 NORM: TensorMap = ((NOT_SPLIT,), ())
 
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 _EMBEDDING_OP: Op = ("VocabParallelEmbedding", "embedding_morph[1]")
 _NORM_OP: Op = ("FusedRMSNorm", "norm[1]")
 _COLUMN_OP: Op = ("ColumnParallelLinear", "morphed_forward[1]")
@@ -111,7 +111,7 @@ def hf_config(c: GeneratorConfig, architecture: str, model_type: str) -> dict[st
         "architectures": [architecture],
         "model_type": model_type,
         **_sizes(c),
-        "torch_dtype": DTYPE_NAMES[c.dtype],
+        "torch_dtype": DTYPE_NAMES[c.source_dtype],
     }
 
 
@@ -119,7 +119,7 @@ def model_config(c: GeneratorConfig) -> dict[str, Any]:
     """The training yaml's sizes and weight layout flags."""
     return {
         **_sizes(c),
-        "params_dtype": DTYPE_NAMES[c.dtype],
+        "params_dtype": DTYPE_NAMES[c.source_dtype],
         "use_contiguous_weight_layout_attention": c.contiguous_qkv,
         "use_interleaved_weight_layout_mlp": c.interleaved_fc1,
     }

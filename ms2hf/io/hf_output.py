@@ -17,6 +17,8 @@ from ms2hf.errors import OutputError
 from ms2hf.io.safetensors_writer import temporary_name
 
 HF_INDEX = "model.safetensors.index.json"
+HF_METADATA = {"format": "pt"}
+"""Every Hugging Face shard's ``__metadata__`` (SPEC 7), as transformers' own files carry."""
 
 
 @contextmanager

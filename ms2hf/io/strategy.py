@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,11 +115,20 @@ def _ints(values: Iterable[object], path: Path, name: str, what: str) -> tuple[i
     return tuple(out)
 
 
+def stored_tensor_map(entries: Sequence[tuple[int, ...]]) -> tuple[tuple[int, ...], ...]:
+    """A tensor map as a layout keeps it: trailing empty entries (dims the file leaves
+    unmapped) dropped, so that equal layouts compare equal however they were written."""
+    end = len(entries)
+    while end and not entries[end - 1]:
+        end -= 1
+    return tuple(entries[:end])
+
+
 def _make_layout(
     path: Path,
     name: str,
     dev_matrix: list[tuple[int, ...]],
-    tensor_map: list[tuple[int, ...]],
+    tensor_map: Sequence[tuple[int, ...]],
     split_shape: list[tuple[int, ...]],
     step: int,
     size: int,
@@ -135,8 +144,7 @@ def _make_layout(
             f"{path}: parameter {name!r}: param_split_shape {[list(s) for s in split_shape]} is "
             "set (uneven splits); ms2hf does not guess how to place such slices"
         )
-    while tensor_map and not tensor_map[-1]:
-        tensor_map.pop()
+    tensor_map = stored_tensor_map(tensor_map)
     n = len(dev_matrix[0])
     for entry in tensor_map:
         for axis in entry:
@@ -145,7 +153,7 @@ def _make_layout(
                     f"{path}: parameter {name!r}: tensor_map axis {axis} is outside the "
                     f"{n}-axis device matrix {list(dev_matrix[0])}"
                 )
-    return Layout(dev_matrix[0], tuple(tensor_map), step, size, tensor_shape)
+    return Layout(dev_matrix[0], tensor_map, step, size, tensor_shape)
 
 
 def _split_stage(name: str, stage: int | None, path: Path) -> tuple[int, str]:

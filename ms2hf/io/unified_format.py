@@ -9,9 +9,7 @@ the map, so ``merge`` writes it and ``reverse`` reads it in both forms the old t
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from ms2hf.errors import FormatError
 
@@ -27,10 +25,6 @@ def part_name(index: int) -> str:
 def unified_dir(output_dir: Path, step: str) -> Path:
     """Where the old merge puts its result: ``{output_dir}/{step}_ckpt_convert/unified_safe``."""
     return output_dir / f"{step}_ckpt_convert" / "unified_safe"
-
-
-def param_name_map_document(weight_map: Mapping[str, str], total_size: int) -> dict[str, Any]:
-    return {"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}
 
 
 def read_param_name_map(path: Path) -> dict[str, str]:

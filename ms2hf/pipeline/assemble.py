@@ -101,3 +101,28 @@ def row_bands(rows: int, row_bytes: int, max_bytes: int) -> Iterator[tuple[int, 
     per_band = max(1, max_bytes // max(1, row_bytes))
     for start in range(0, rows, per_band):
         yield start, min(rows, start + per_band)
+
+
+def fit_row(buffer: np.ndarray, tensor: OutputTensor, dtype: np.dtype) -> np.ndarray:
+    """``buffer``, or a larger one when a single row of ``tensor`` does not fit in it."""
+    row_bytes = tensor.row_elements * dtype.itemsize
+    return buffer if row_bytes <= len(buffer) else np.empty(row_bytes, np.uint8)
+
+
+def assembled_bands(
+    tensor: OutputTensor,
+    dtype: np.dtype,
+    buffer: np.ndarray,
+    param: SourceParam,
+    files: MappedFiles,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """``tensor`` in bands of whole rows, each assembled into ``buffer`` (``fit_row``) in turn:
+    ``(byte offset in the tensor, the band as rows x columns of dtype, its bytes)``. A band is
+    valid until the next one is made. What convert writes and what verify recomputes are made
+    by this one loop, so they cannot drift apart."""
+    row_bytes = tensor.row_elements * dtype.itemsize
+    for r0, r1 in row_bands(tensor.rows, row_bytes, len(buffer)):
+        raw = buffer[: (r1 - r0) * row_bytes]
+        band = raw.view(dtype).reshape(r1 - r0, tensor.row_elements)
+        fill_rows(band, tensor, r0, param, files)
+        yield r0 * row_bytes, band, raw

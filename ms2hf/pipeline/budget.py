@@ -7,6 +7,7 @@ never larger than the CPU cache, where they are fastest; so the budget only ever
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -59,16 +60,23 @@ def format_size(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def default_workers() -> int:
+    """The CPUs this process may run on (its affinity, not the machine's count)."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class MemoryBudget:
     total: int
     workers: int
 
     @classmethod
-    def resolve(cls, total: int | None, workers: int) -> MemoryBudget:
+    def resolve(cls, total: int | None, workers: int | None) -> MemoryBudget:
+        """The given budget and worker count, or the defaults: ``DEFAULT_FRACTION`` of the
+        available memory, one worker per CPU this process may run on."""
         if total is None:
             total = int(psutil.virtual_memory().available * DEFAULT_FRACTION)
-        return cls(max(total, MIN_BAND_BYTES), max(1, workers))
+        return cls(max(total, MIN_BAND_BYTES), max(1, workers or default_workers()))
 
     @property
     def band_bytes(self) -> int:

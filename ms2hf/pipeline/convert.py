@@ -17,7 +17,7 @@ from typing import Any
 
 from ms2hf.errors import FormatError, ModelError, OutputError
 from ms2hf.io.dtypes import itemsize
-from ms2hf.io.hf_output import HF_INDEX, copy_file, index_document, write_json
+from ms2hf.io.hf_output import HF_INDEX, HF_METADATA, copy_file, index_document, write_json
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.pipeline.budget import MemoryBudget, format_size
@@ -31,13 +31,11 @@ from ms2hf.pipeline.replicas import check_replicas
 from ms2hf.pipeline.resources import MemorySampler, peak_rss_bytes
 from ms2hf.pipeline.shards import assign_shards
 from ms2hf.pipeline.source_plan import SourcePlan, plan_source
-from ms2hf.transforms.casts import output_dtype
+from ms2hf.transforms.casts import TARGETS, output_dtype
 from ms2hf.transforms.hf_config import config_json
 from ms2hf.transforms.models import HfModel, hf_model
 
 log = logging.getLogger("ms2hf")
-
-HF_METADATA = {"format": "pt"}
 
 
 @dataclass
@@ -102,10 +100,6 @@ class ConvertReport:
         return {**jsonable(self), "gb_per_s": self.gb_per_s}
 
 
-def default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
 def gather_given(options: ConvertOptions) -> dict[str, tuple[Any, str]]:
     """Reference config and yaml values, then flags on top (a flag names itself in messages)."""
     return given_values(options.reference_config, options.config, options.given)
@@ -127,7 +121,7 @@ def plan_hf_checkpoint(
 ) -> tuple[HfModel, list[PlannedFile]]:
     """The model, its config and the files a run would write, from shapes alone."""
     shapes = {name: p.shape for name, p in source.params.items()}
-    dtype_tag = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}.get(options.dtype)
+    dtype_tag = TARGETS.get(options.dtype)
     if dtype_tag is None:
         dtypes = {p.dtype for p in source.params.values()}
         dtype_tag = dtypes.pop() if len(dtypes) == 1 else "F32"
@@ -143,8 +137,7 @@ def write_hf_checkpoint(
     model, files = plan_hf_checkpoint(source, options, given)
     tokenizer = find_tokenizer_files(options.tokenizer_dir) if options.tokenizer_dir else []
     prepare_output_dir(out_dir, options.overwrite)
-    workers = options.workers or default_workers()
-    budget = MemoryBudget.resolve(options.memory_budget, workers)
+    budget = MemoryBudget.resolve(options.memory_budget, options.workers)
     total = sum(f.nbytes for f in files)
     log.info(
         "%s: %d tensors, %s in %d file(s); budget %s, %d worker(s)",

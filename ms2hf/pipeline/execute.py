@@ -28,7 +28,7 @@ from ms2hf.errors import FormatError
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, TensorEntry, layout_shard
-from ms2hf.pipeline.assemble import fill_rows, row_bands
+from ms2hf.pipeline.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.budget import MemoryBudget
 from ms2hf.pipeline.output_dir import OutputRun, claim_output_dir
 from ms2hf.pipeline.progress import Progress
@@ -143,18 +143,13 @@ class _Run:
     def _write_tensor(self, writer: ShardWriter, planned: PlannedTensor, buffer: np.ndarray) -> np.ndarray:
         tensor = planned.tensor
         dtype = to_numpy(planned.dtype)
-        row_bytes = tensor.row_elements * dtype.itemsize
+        buffer = fit_row(buffer, tensor, dtype)
         param = self.params[tensor.source]
-        for r0, r1 in row_bands(tensor.rows, row_bytes, len(buffer)):
-            nbytes = (r1 - r0) * row_bytes
-            if nbytes > len(buffer):  # a single row larger than the band
-                buffer = np.empty(nbytes, dtype=np.uint8)
-            band = buffer[:nbytes].view(dtype).reshape(r1 - r0, tensor.row_elements)
-            fill_rows(band, tensor, r0, param, self.mapped)
+        for offset, band, raw in assembled_bands(tensor, dtype, buffer, param, self.mapped):
             if self.check is not None:
                 self.check(planned, band)
-            writer.write(tensor.name, r0 * row_bytes, buffer[:nbytes])
-            self.progress.advance(nbytes)
+            writer.write(tensor.name, offset, raw)
+            self.progress.advance(len(raw))
         return buffer
 
     def abort(self) -> None:

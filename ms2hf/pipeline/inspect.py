@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ms2hf.errors import FormatError, ModelError
-from ms2hf.io.dtypes import itemsize
+from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.tokenizer_files import find_tokenizer_files
@@ -189,9 +189,7 @@ def _param_report(
 ) -> ParamReport:
     grid = source.grids.get(p.name)
     optimizer_chunks = grid.opt_chunks if grid else 1
-    split = tuple(grid.parts) if grid else (1,) * len(p.shape)
-    if split:
-        split = (split[0] // optimizer_chunks, *split[1:])
+    split = grid.model_parts if grid else (1,) * len(p.shape)
     return ParamReport(
         name=p.name,
         shape=p.shape,
@@ -207,7 +205,7 @@ def _param_report(
 
 
 def _saved_bytes(p: SourceParam) -> int:
-    return sum(math.prod(b.shape) for b in (*p.blocks, *p.replicas)) * itemsize(p.dtype)
+    return sum(nbytes(p.dtype, b.shape) for b in (*p.blocks, *p.replicas))
 
 
 def _file_reports(root: Path, source: SourcePlan) -> tuple[FileReport, ...]:

@@ -18,19 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ms2hf.errors import ModelError
-from ms2hf.io.hf_output import write_json
+from ms2hf.io.hf_output import index_document, write_json
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.train_yaml import read_train_config
 from ms2hf.io.unified_format import (
     HYPER_PARAM,
     METADATA,
     PARAM_NAME_MAP,
-    param_name_map_document,
     part_name,
     unified_dir,
 )
 from ms2hf.pipeline.budget import MemoryBudget, format_size
-from ms2hf.pipeline.convert import default_workers
 from ms2hf.pipeline.execute import PlannedFile, PlannedTensor, SmallFile, write_files
 from ms2hf.pipeline.finite import FiniteCheck
 from ms2hf.pipeline.output_dir import RUN_RECORD, prepare_output_dir
@@ -184,11 +182,11 @@ def merge(
     files, weight_map = plan_unified_files(params, source.scalars, options.part_size)
     parts = [f.name for f in files if f.name != HYPER_PARAM]
     param_bytes = sum(p.nbytes for p in params.values())
-    document = param_name_map_document(weight_map, param_bytes)
+    document = index_document(weight_map, param_bytes)  # the same form as an HF index
 
     out = unified_dir(Path(output_dir), source.step)
     prepare_output_dir(out, options.overwrite)
-    budget = MemoryBudget.resolve(options.memory_budget, options.workers or default_workers())
+    budget = MemoryBudget.resolve(options.memory_budget, options.workers)
     total = sum(f.nbytes for f in files)
     log.info(
         "step %s: %d parameters (%s) into %d part(s), %d training scalars; %s of optimizer state "

@@ -33,8 +33,11 @@ class Grid:
         return tuple(b * d for b, d in zip(coords, slice_shape))
 
     @property
-    def num_blocks(self) -> int:
-        return math.prod(self.parts)
+    def model_parts(self) -> tuple[int, ...]:
+        """Parts per dim from model parallelism alone (``parts`` without optimizer chunks)."""
+        if not self.parts:
+            return ()
+        return (self.parts[0] // self.opt_chunks, *self.parts[1:])
 
 
 def _unravel(index: int, dims: tuple[int, ...]) -> tuple[int, ...]:

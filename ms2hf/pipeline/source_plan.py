@@ -75,8 +75,6 @@ class SourcePlan:
     holding it: what ``merge`` copies into ``hyper_param.safetensors``."""
     remove_redundancy: bool
     num_stages: int
-    layouts: dict[str, str] = field(default_factory=dict)
-    """A short description of each parameter's layout, for inspect and error messages."""
     grids: dict[str, Grid] = field(default_factory=dict)
     """How the strategy cuts each parameter it lays out; one absent is stored whole."""
     optimizer_bytes: int = 0
@@ -96,17 +94,6 @@ class _Collecting:
     blocks: dict[tuple[int, ...], Block] = field(default_factory=dict)
     replicas: list[Block] = field(default_factory=list)
     stage: int = 0
-
-
-def _describe(g: Grid | None) -> str:
-    if g is None or g.num_blocks == 1:
-        return "whole"
-    dims = ", ".join(
-        f"dim{i}/{p}" + (f" (incl. {g.opt_chunks} optimizer chunks)" if i == 0 and g.opt_chunks > 1 else "")
-        for i, p in enumerate(g.parts)
-        if p > 1
-    )
-    return f"split {dims}"
 
 
 def _redundancy_removed(headers: list[SafetensorsHeader]) -> bool:
@@ -176,7 +163,6 @@ def build_source_plan(
 
     paths = {f.rank: f.path for f in files}
     params = {name: _finish(name, c, strategy, per_stage, paths) for name, c in collecting.items()}
-    layouts = {name: _describe(c.grid) for name, c in collecting.items()}
     return SourcePlan(
         step=step,
         files=tuple(files),
@@ -184,7 +170,6 @@ def build_source_plan(
         scalars=scalars,
         remove_redundancy=_redundancy_removed(headers),
         num_stages=stages,
-        layouts=layouts,
         grids={name: c.grid for name, c in collecting.items() if c.grid is not None},
         optimizer_bytes=optimizer_bytes,
         scalar_bytes=scalar_bytes,

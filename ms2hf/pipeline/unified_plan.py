@@ -98,7 +98,6 @@ def plan_unified(path: str | Path) -> SourcePlan:
         scalars=scalars,
         remove_redundancy=False,
         num_stages=1,
-        layouts={name: "whole" for name in params},
         optimizer_bytes=optimizer_bytes,
         scalar_bytes=scalar_bytes,
     )

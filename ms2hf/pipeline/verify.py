@@ -28,10 +28,9 @@ from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
 from ms2hf.io.shard_digest import file_digest
 from ms2hf.io.train_yaml import read_train_config
-from ms2hf.pipeline.assemble import fill_rows, row_bands
+from ms2hf.pipeline.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.budget import MemoryBudget, format_size
 from ms2hf.pipeline.compare import first_difference
-from ms2hf.pipeline.convert import default_workers
 from ms2hf.pipeline.output_dir import RUN_RECORD, read_run_record
 from ms2hf.pipeline.source_plan import SourceParam, plan_source
 from ms2hf.transforms.casts import TARGETS, output_dtype
@@ -213,19 +212,12 @@ def _compare_tensor(
     if info.dtype not in {output_dtype(param.dtype, t) for t in TARGETS}:
         return f"{file}: {tensor.name} is {info.dtype}, which no conversion of {param.dtype} gives"
     dtype = to_numpy(info.dtype)
-    row_bytes = tensor.row_elements * dtype.itemsize
-    if row_bytes > len(buffer):  # a single row larger than the band
-        buffer = np.empty(row_bytes, np.uint8)
-    for r0, r1 in row_bands(tensor.rows, row_bytes, len(buffer)):
-        nbytes = (r1 - r0) * row_bytes
-        band = buffer[:nbytes].view(dtype).reshape(r1 - r0, tensor.row_elements)
-        fill_rows(band, tensor, r0, param, mapped)
-        written = mapped.view(
-            folder / file, info.start + r0 * row_bytes, np.dtype(np.uint8), (nbytes,)
-        )
-        at = first_difference(buffer[:nbytes], written)
+    buffer = fit_row(buffer, tensor, dtype)
+    for offset, _, raw in assembled_bands(tensor, dtype, buffer, param, mapped):
+        written = mapped.view(folder / file, info.start + offset, np.dtype(np.uint8), raw.shape)
+        at = first_difference(raw, written)
         if at is not None:
-            row = r0 + at // row_bytes
+            row = (offset + at) // (tensor.row_elements * dtype.itemsize)
             return f"{file}: {tensor.name} differs from the source (first at row {row})"
     return None
 
@@ -241,7 +233,7 @@ def _check_against(
     given = read_train_config(options.config) if options.config else {}
     shapes = {name: p.shape for name, p in source.params.items()}
     outputs = hf_model(shapes, given, "F32").outputs
-    budget = MemoryBudget.resolve(options.memory_budget, options.workers or default_workers())
+    budget = MemoryBudget.resolve(options.memory_budget, options.workers)
     buffers = threading.local()
 
     def check(tensor: OutputTensor) -> str | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ms2hf.errors import ModelError
+from ms2hf.transforms.qwen3_moe import dense_layers
 
 Shapes = dict[str, tuple[int, ...]]
 Config = Mapping[str, Any]
@@ -45,28 +46,34 @@ def dense_mlp(config: Config, layer: int) -> Shapes:
     return _mlp(f"model.layers.{layer}.mlp.", h, f)
 
 
-def moe_mlp(config: Config, layer: int) -> Shapes:
-    """Router and experts, unless Hugging Face's rule makes the layer dense: listed in
-    ``mlp_only_layers``, or ``layer + 1`` not a multiple of ``decoder_sparse_step``."""
+MlpShapes = Callable[[Config, int], Shapes]
+"""A layer's MLP tensors, given the config and the layer number."""
+
+
+def moe_mlp(config: Config) -> MlpShapes:
+    """Router and experts for every layer but those Hugging Face's rule makes dense
+    (``qwen3_moe.dense_layers``: listed in ``mlp_only_layers``, or ``layer + 1`` not a multiple
+    of ``decoder_sparse_step``)."""
     step = config_int(config, "decoder_sparse_step", 1)
-    dense = config.get("mlp_only_layers") or []
-    if step == 0 or not isinstance(dense, list):
+    only = config.get("mlp_only_layers") or []
+    if step == 0 or not isinstance(only, list):
         raise ModelError(
             "config.json: decoder_sparse_step must be positive, mlp_only_layers a list"
         )
-    if layer in dense or (layer + 1) % step:
-        return dense_mlp(config, layer)
-    h, e = config_int(config, "hidden_size"), config_int(config, "num_experts")
-    f = config_int(config, "moe_intermediate_size")
-    p = f"model.layers.{layer}.mlp."
-    shapes: Shapes = {p + "gate.weight": (e, h)}
-    for expert in range(e):
-        shapes |= _mlp(f"{p}experts.{expert}.", h, f)
-    return shapes
+    dense = dense_layers(step, tuple(only), config_int(config, "num_hidden_layers"))
 
+    def mlp(config: Config, layer: int) -> Shapes:
+        if layer in dense:
+            return dense_mlp(config, layer)
+        h, e = config_int(config, "hidden_size"), config_int(config, "num_experts")
+        f = config_int(config, "moe_intermediate_size")
+        p = f"model.layers.{layer}.mlp."
+        shapes: Shapes = {p + "gate.weight": (e, h)}
+        for expert in range(e):
+            shapes |= _mlp(f"{p}experts.{expert}.", h, f)
+        return shapes
 
-MlpShapes = Callable[[Config, int], Shapes]
-"""A layer's MLP tensors, given the config and the layer number."""
+    return mlp
 
 
 def qwen3_tensors(config: Config, mlp: MlpShapes = dense_mlp) -> ExpectedTensors:
@@ -96,7 +103,7 @@ def qwen3_tensors(config: Config, mlp: MlpShapes = dense_mlp) -> ExpectedTensors
 
 EXPECTED: dict[str, Callable[[Config], ExpectedTensors]] = {
     "qwen3": qwen3_tensors,
-    "qwen3_moe": lambda config: qwen3_tensors(config, moe_mlp),
+    "qwen3_moe": lambda config: qwen3_tensors(config, moe_mlp(config)),
 }
 
 
