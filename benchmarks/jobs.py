@@ -13,9 +13,9 @@ from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_METADATA
 from ms2hf.io.safetensors_writer import layout_shard
 from ms2hf.io.unified_format import METADATA as UNIFIED_METADATA
-from ms2hf.pipeline.convert import ConvertOptions, plan_hf_checkpoint
-from ms2hf.pipeline.merge import PART_SIZE, plan_unified_files
-from ms2hf.pipeline.source_plan import SourceParam, plan_source
+from ms2hf.commands.convert import ConvertOptions, plan_hf_checkpoint
+from ms2hf.commands.merge import PART_SIZE, plan_unified_files
+from ms2hf.io.sources.legacy import SourceParam, plan_source
 
 Range = tuple[str, int, int]
 

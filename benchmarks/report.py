@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from benchmarks.jobs import Shape
-from ms2hf.pipeline.budget import parse_size
+from ms2hf.pipeline.engine.budget import parse_size
 
 SPEED_RATIO = 1.3
 FLAT = 1.15

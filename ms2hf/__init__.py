@@ -15,9 +15,9 @@ _PUBLIC = {
     "convert": "ms2hf.api",
     "inspect": "ms2hf.api",
     "Ms2hfError": "ms2hf.errors",
-    "ConvertOptions": "ms2hf.pipeline.convert",
-    "ConvertReport": "ms2hf.pipeline.convert",
-    "InspectReport": "ms2hf.pipeline.inspect",
+    "ConvertOptions": "ms2hf.commands.convert",
+    "ConvertReport": "ms2hf.commands.convert",
+    "InspectReport": "ms2hf.commands.inspect",
 }
 
 __all__ = [
@@ -33,8 +33,8 @@ __all__ = [
 if TYPE_CHECKING:
     from ms2hf.api import convert, inspect
     from ms2hf.errors import Ms2hfError
-    from ms2hf.pipeline.convert import ConvertOptions, ConvertReport
-    from ms2hf.pipeline.inspect import InspectReport
+    from ms2hf.commands.convert import ConvertOptions, ConvertReport
+    from ms2hf.commands.inspect import InspectReport
 
 
 def __getattr__(name: str) -> Any:

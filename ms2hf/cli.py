@@ -18,10 +18,10 @@ from typing import Any
 
 from ms2hf import __version__
 from ms2hf.errors import Ms2hfError
-from ms2hf.legacy_flags import add_merge_flags, add_reverse_flags, merge_request, reverse_request
-from ms2hf.pipeline.budget import parse_size
-from ms2hf.pipeline.convert import ConvertOptions, convert
-from ms2hf.pipeline.merge import PART_SIZE, MergeOptions, merge
+from ms2hf.commands.legacy_flags import add_merge_flags, add_reverse_flags, merge_request, reverse_request
+from ms2hf.pipeline.engine.budget import parse_size
+from ms2hf.commands.convert import ConvertOptions, convert
+from ms2hf.commands.merge import PART_SIZE, MergeOptions, merge
 from ms2hf.pipeline.shards import SHARD_LAYOUTS
 from ms2hf.transforms.casts import TARGETS
 
@@ -30,7 +30,7 @@ log = logging.getLogger("ms2hf")
 Handler = Callable[[argparse.Namespace], int]
 
 DEMO_MODEL_NAMES = ("qwen3", "qwen3-moe")
-"""``ms2hf.demo.DEMO_MODELS``' keys, spelled here so that no other command imports the demo and
+"""``ms2hf.commands.demo.DEMO_MODELS``' keys, spelled here so that no other command imports the demo and
 the generator behind it (a test keeps the two equal)."""
 
 
@@ -222,8 +222,8 @@ def _add_inspect(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from ms2hf.pipeline.inspect import inspect
-    from ms2hf.report_text import inspect_text
+    from ms2hf.commands.inspect import inspect
+    from ms2hf.commands.inspect_text import inspect_text
 
     report = inspect(args.path, hf_options(args))
     if args.json:
@@ -286,7 +286,7 @@ def _add_reverse(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _run_reverse(args: argparse.Namespace) -> int:
-    from ms2hf.pipeline.reverse import reverse
+    from ms2hf.commands.reverse import reverse
 
     request = reverse_request(args, run_options(args))
     _log_notes(request.notes)
@@ -315,7 +315,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from ms2hf.pipeline.verify import VerifyOptions, verify
+    from ms2hf.commands.verify import VerifyOptions, verify
 
     options = VerifyOptions(
         step=args.step, config=args.config, memory_budget=args.memory_budget, workers=args.workers
@@ -346,7 +346,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from ms2hf.demo import run_demo
+    from ms2hf.commands.demo import run_demo
 
     result = run_demo(args.out_dir, args.dtype, progress=not args.quiet, model=args.model)
     print(result.summary())

@@ -13,9 +13,9 @@ import pytest
 
 import ms2hf
 from ms2hf import cli
-from ms2hf.pipeline.convert import ConvertOptions
-from ms2hf.pipeline.inspect import inspect as pipeline_inspect
-from ms2hf.pipeline.resources import MemorySampler, peak_rss_bytes
+from ms2hf.commands.convert import ConvertOptions
+from ms2hf.commands.inspect import inspect as pipeline_inspect
+from ms2hf.pipeline.engine.memory import MemorySampler, peak_rss_bytes
 from tests.conftest import DATA
 
 FIXTURE = DATA / "tiny_fp32_dp2tp2pp2_opt"
@@ -107,9 +107,9 @@ def test_convert_start_up_imports_only_what_convert_needs() -> None:
     commands' modules, nor PyYAML when no yaml is given."""
     code = (
         "import sys, ms2hf.cli; "
-        "print(sorted(m for m in ('yaml', 'ms2hf.api', 'ms2hf.pipeline.inspect', "
-        "'ms2hf.pipeline.verify', 'ms2hf.pipeline.reverse', 'ms2hf.report_text', "
-        "'ms2hf.demo', 'ms2hf.generator') "
+        "print(sorted(m for m in ('yaml', 'ms2hf.api', 'ms2hf.commands.inspect', "
+        "'ms2hf.commands.verify', 'ms2hf.commands.reverse', 'ms2hf.commands.inspect_text', "
+        "'ms2hf.commands.demo', 'ms2hf.generator') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ms2hf.cli import DEMO_MODEL_NAMES, main
-from ms2hf.demo import DEMO_MODELS, mismatches
+from ms2hf.commands.demo import DEMO_MODELS, mismatches
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 
 

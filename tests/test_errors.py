@@ -20,7 +20,7 @@ import pytest
 
 from ms2hf.cli import main
 from ms2hf.io.safetensors_reader import SafetensorsHeader
-from ms2hf.io.strategy_proto import ParallelStrategyMap
+from ms2hf.io.sources.strategy_proto import ParallelStrategyMap
 from tests.conftest import folder_bytes
 from tests.conftest import run_cli as run
 from tests.edit_checkpoint import copy_fixture, edit_header, edit_tensors, join, rank_file, split

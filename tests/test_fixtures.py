@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from ms2hf.pipeline.convert import ConvertOptions, convert
+from ms2hf.commands.convert import ConvertOptions, convert
 from tests.conftest import assert_matches_ground_truth, load_hf_dir
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from ms2hf.cli import main
-from ms2hf.pipeline.output_dir import RUN_RECORD
+from ms2hf.pipeline.engine.output_dir import RUN_RECORD
 from tests.conftest import DATA, folder_bytes
 
 SOURCE = DATA / "tiny_fp32"

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ms2hf.cli import main
-from ms2hf.pipeline.output_dir import RUN_RECORD
+from ms2hf.pipeline.engine.output_dir import RUN_RECORD
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES
 from tests.edit_checkpoint import edit_header
 

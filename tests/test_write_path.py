@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from ms2hf.io import writeback
 from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
 from ms2hf.io.shard_digest import PAGE_BYTES, TensorChecksum, file_digest
-from ms2hf.pipeline.budget import MAX_BAND_BYTES, MemoryBudget
+from ms2hf.pipeline.engine.budget import MAX_BAND_BYTES, MemoryBudget
 
 
 def _checksum(*pieces: bytes) -> int:

@@ -33,8 +33,8 @@ from ms2hf.generator.strategy_file import encode_stage
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.hf_output import HF_METADATA
 from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
-from ms2hf.transforms.models import hf_model
-from ms2hf.transforms.rules import OutputTensor, Piece
+from ms2hf.transforms.families import hf_model
+from ms2hf.transforms.pieces import OutputTensor, Piece
 
 BAND_BYTES = 64 << 20
 EXPECTED = Path("expected") / "hf_model.safetensors"

@@ -1,6 +1,6 @@
 """How a generated parameter is laid out over a stage's devices, and which ranks save it.
 
-The slice math is ``ms2hf.pipeline.placement``'s (one source of truth for converter and
+The slice math is ``ms2hf.io.placement``'s (one source of truth for converter and
 generator); this module only decides what a training run decides: whether the optimizer shards a
 parameter, and, when redundancy is removed, which rank of each replica group saves each key.
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator.params import ParamSpec
-from ms2hf.io.strategy import Layout, stored_tensor_map
-from ms2hf.pipeline.placement import block_coords, grid, holders
+from ms2hf.io.sources.strategy import Layout, stored_tensor_map
+from ms2hf.io.placement import block_coords, grid, holders
 
 SAVED_STATES = ("adam_m.", "adam_v.")
 """A trained weight's optimizer states, saved beside it in every rank file that saves it."""

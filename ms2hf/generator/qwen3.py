@@ -18,7 +18,7 @@ from typing import Any
 
 from ms2hf.generator.config import GeneratorConfig
 from ms2hf.generator.params import ModelSpec, ParamSpec
-from ms2hf.io.strategy import NOT_SPLIT
+from ms2hf.io.sources.strategy import NOT_SPLIT
 from ms2hf.transforms.hf_config import DTYPE_NAMES
 from ms2hf.transforms.qwen3 import EMBEDDING, FC1, FINAL_NORM, O_PROJ, OUTPUT_LAYER, Q_NORM, QKV
 

@@ -18,7 +18,7 @@ from ms2hf.generator import qwen3
 from ms2hf.generator.config import GeneratorConfig, MoeConfig
 from ms2hf.generator.params import ModelSpec, ParamSpec
 from ms2hf.generator.qwen3 import Op, TensorMap, node
-from ms2hf.io.strategy import NOT_SPLIT
+from ms2hf.io.sources.strategy import NOT_SPLIT
 from ms2hf.transforms.qwen3_moe import FI_ACCU, ROUTER, W1, W2
 
 NETWORK = qwen3.NETWORK_PREFIX + "network-TrainingQwen3MoeForCausalLM"

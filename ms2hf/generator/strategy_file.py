@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ms2hf.generator.layouts import PlacedParam, strategy_keys
-from ms2hf.io.strategy_proto import ParallelStrategyMap
+from ms2hf.io.sources.strategy_proto import ParallelStrategyMap
 
 SAVE_COUNT = 1
 INPUT_STRATEGY = (1, 1)

@@ -29,7 +29,7 @@ def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
     """Copy ``src`` into ``dst``, converting to ``dst``'s dtype (a byte copy when they match).
 
     Overflow to inf is the rule's result, not a fault; the finiteness check reports it per tensor
-    (``ms2hf.pipeline.finite``), so numpy's own warning is silenced."""
+    (``ms2hf.pipeline.engine.checks``), so numpy's own warning is silenced."""
     with np.errstate(over="ignore"):
         np.copyto(dst, src, casting="unsafe")
 

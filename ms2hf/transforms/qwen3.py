@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ms2hf.errors import ModelError
-from ms2hf.transforms.rules import OutputTensor, copy, row_runs
+from ms2hf.transforms.pieces import OutputTensor, copy, row_runs
 
 Shapes = Mapping[str, tuple[int, ...]]
 

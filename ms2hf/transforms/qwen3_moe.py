@@ -21,7 +21,7 @@ from typing import Any
 
 from ms2hf.errors import ModelError
 from ms2hf.transforms import qwen3
-from ms2hf.transforms.rules import OutputTensor, copy, transposed_window
+from ms2hf.transforms.pieces import OutputTensor, copy, transposed_window
 
 Shapes = qwen3.Shapes
 

@@ -5,7 +5,7 @@ Each file's header is fixed before its first byte (the plan knows every name, dt
 so tensors can be written in any order and by any worker, and the bytes come out the same for
 any worker count. A file gets its final name once its last tensor is written; on any error every
 unfinished file is removed, so nothing with a final name is ever partial. The output folder is
-claimed first (``ms2hf.pipeline.output_dir``): files a killed run of the same plan finished are
+claimed first (``ms2hf.pipeline.engine.output_dir``): files a killed run of the same plan finished are
 verified and kept, each file committed now is recorded with its digest, and the small files
 that describe the set (the index last) are written only once every shard is in place.
 """
@@ -28,12 +28,12 @@ from ms2hf.errors import FormatError
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, TensorEntry, layout_shard
-from ms2hf.pipeline.assemble import assembled_bands, fit_row
-from ms2hf.pipeline.budget import MemoryBudget
-from ms2hf.pipeline.output_dir import OutputRun, claim_output_dir
-from ms2hf.pipeline.progress import Progress
-from ms2hf.pipeline.source_plan import SourceParam
-from ms2hf.transforms.rules import OutputTensor
+from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
+from ms2hf.pipeline.engine.budget import MemoryBudget
+from ms2hf.pipeline.engine.output_dir import OutputRun, claim_output_dir
+from ms2hf.pipeline.engine.progress import Progress
+from ms2hf.io.sources.legacy import SourceParam
+from ms2hf.transforms.pieces import OutputTensor
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Reads protobuf (``.ckpt``) and JSON files, one per rank or merged over stages (names prefixed
 ``"{stage}-"``), in both the Layout form MindSpore Transformers writes (one TensorMap per tensor
 dimension) and the older flat form (SPEC section 2). The result is a per-stage map of
-``Layout`` values; what a layout means for a rank's slice is ``ms2hf.pipeline.placement``'s job.
+``Layout`` values; what a layout means for a rank's slice is ``ms2hf.io.placement``'s job.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ms2hf.errors import FormatError, LayoutError
-from ms2hf.io.strategy_proto import ParallelStrategyMap
-from ms2hf.io.training_keys import KeyKind, key_kind
+from ms2hf.io.sources.strategy_proto import ParallelStrategyMap
+from ms2hf.io.sources.training_keys import KeyKind, key_kind
 
 _RANK_FILE = re.compile(r"(?:.*_)?rank_(\d+)\.(?:ckpt|json)$")
 _MERGED_NAME = re.compile(r"^(\d+)-(.+)$")

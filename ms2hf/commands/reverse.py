@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ms2hf.errors import ModelError
-from ms2hf.pipeline.convert import ConvertOptions, ConvertReport, gather_given, write_hf_checkpoint
-from ms2hf.pipeline.unified_plan import plan_unified
-from ms2hf.transforms.models import detect_model_type
+from ms2hf.commands.convert import ConvertOptions, ConvertReport, gather_given, write_hf_checkpoint
+from ms2hf.io.sources.unified import plan_unified
+from ms2hf.transforms.families import detect_model_type
 
 MODEL_NAMES = {"qwen3": "qwen3", "qwen3-moe": "qwen3_moe", "qwen3_moe": "qwen3_moe"}
 """``--model`` spellings of the old tools -> the model type ms2hf detects."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ms2hf.errors import LayoutError
-from ms2hf.io.strategy import Layout
+from ms2hf.io.sources.strategy import Layout
 
 
 @dataclass(frozen=True)

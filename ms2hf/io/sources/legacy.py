@@ -18,9 +18,9 @@ from ms2hf.errors import CoverageError, FormatError, LayoutError
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.rank_files import find_rank_dirs, select_step
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
-from ms2hf.io.strategy import Strategy, load_strategy
-from ms2hf.io.training_keys import KeyKind, key_kind
-from ms2hf.pipeline.placement import Grid, block_coords, grid, holders
+from ms2hf.io.sources.strategy import Strategy, load_strategy
+from ms2hf.io.sources.training_keys import KeyKind, key_kind
+from ms2hf.io.placement import Grid, block_coords, grid, holders
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Any
 from ms2hf.errors import ModelError
 from ms2hf.transforms import qwen3, qwen3_moe
 from ms2hf.transforms.hf_config import ConfigValue, build_config
-from ms2hf.transforms.rules import OutputTensor
+from ms2hf.transforms.pieces import OutputTensor
 
 Shapes = Mapping[str, tuple[int, ...]]
 

@@ -14,9 +14,9 @@ import numpy as np
 
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
-from ms2hf.pipeline.source_plan import Block, SourceParam
+from ms2hf.io.sources.legacy import Block, SourceParam
 from ms2hf.transforms.casts import cast_into, cast_transposed_into
-from ms2hf.transforms.rules import OutputTensor, Piece
+from ms2hf.transforms.pieces import OutputTensor, Piece
 
 
 def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:

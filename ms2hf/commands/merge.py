@@ -28,15 +28,15 @@ from ms2hf.io.unified_format import (
     part_name,
     unified_dir,
 )
-from ms2hf.pipeline.budget import MemoryBudget, format_size
-from ms2hf.pipeline.execute import PlannedFile, PlannedTensor, SmallFile, write_files
-from ms2hf.pipeline.finite import FiniteCheck
-from ms2hf.pipeline.output_dir import RUN_RECORD, prepare_output_dir
-from ms2hf.pipeline.progress import Progress
-from ms2hf.pipeline.replicas import check_replicas
-from ms2hf.pipeline.source_plan import SourceParam, SourcePlan, plan_source
-from ms2hf.transforms import rules
-from ms2hf.transforms.models import hf_model
+from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
+from ms2hf.pipeline.engine.execute import PlannedFile, PlannedTensor, SmallFile, write_files
+from ms2hf.pipeline.engine.checks import FiniteCheck
+from ms2hf.pipeline.engine.output_dir import RUN_RECORD, prepare_output_dir
+from ms2hf.pipeline.engine.progress import Progress
+from ms2hf.pipeline.engine.checks import check_replicas
+from ms2hf.io.sources.legacy import SourceParam, SourcePlan, plan_source
+from ms2hf.transforms import pieces
+from ms2hf.transforms.families import hf_model
 
 log = logging.getLogger("ms2hf")
 
@@ -111,7 +111,7 @@ def redundancy_disagreement(source: SourcePlan, has_redundancy: bool | None) -> 
 
 def _identity(params: Mapping[str, SourceParam]) -> tuple[PlannedTensor, ...]:
     return tuple(
-        PlannedTensor(rules.copy(name, name, p.shape), p.dtype)
+        PlannedTensor(pieces.copy(name, name, p.shape), p.dtype)
         for name, p in sorted(params.items())
     )
 
