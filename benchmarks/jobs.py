@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.floor import floor_plan
+from ms2hf.commands.convert import ConvertOptions, plan_hf_checkpoint
+from ms2hf.commands.merge import PART_SIZE, plan_unified_files
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_METADATA
 from ms2hf.io.safetensors_writer import layout_shard
+from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources.plan import SourceParam
 from ms2hf.io.unified_format import METADATA as UNIFIED_METADATA
-from ms2hf.commands.convert import ConvertOptions, plan_hf_checkpoint
-from ms2hf.commands.merge import PART_SIZE, plan_unified_files
-from ms2hf.io.sources.legacy import SourceParam, plan_source
 
 Range = tuple[str, int, int]
 

@@ -32,9 +32,9 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ms2hf.api import convert, inspect
-    from ms2hf.errors import Ms2hfError
     from ms2hf.commands.convert import ConvertOptions, ConvertReport
     from ms2hf.commands.inspect import InspectReport
+    from ms2hf.errors import Ms2hfError
 
 
 def __getattr__(name: str) -> Any:

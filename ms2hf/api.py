@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ms2hf.errors import Ms2hfError
 from ms2hf.commands import convert as _convert
 from ms2hf.commands import inspect as _inspect
-from ms2hf.pipeline.engine.budget import parse_size
 from ms2hf.commands.convert import ConvertOptions, ConvertReport
 from ms2hf.commands.inspect import InspectReport
+from ms2hf.errors import Ms2hfError
+from ms2hf.pipeline.engine.budget import parse_size
 
 SIZE_OPTIONS = ("max_shard_size", "memory_budget")
 PATH_OPTIONS = ("config", "reference_config", "tokenizer_dir")

@@ -17,11 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from ms2hf import __version__
-from ms2hf.errors import Ms2hfError
-from ms2hf.commands.legacy_flags import add_merge_flags, add_reverse_flags, merge_request, reverse_request
-from ms2hf.pipeline.engine.budget import parse_size
 from ms2hf.commands.convert import ConvertOptions, convert
+from ms2hf.commands.legacy_flags import (
+    add_merge_flags,
+    add_reverse_flags,
+    merge_request,
+    reverse_request,
+)
 from ms2hf.commands.merge import PART_SIZE, MergeOptions, merge
+from ms2hf.errors import Ms2hfError
+from ms2hf.pipeline.engine.budget import parse_size
 from ms2hf.pipeline.shards import SHARD_LAYOUTS
 from ms2hf.transforms.casts import TARGETS
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from ms2hf.cli import main
+from ms2hf.commands.merge import MergeOptions, merge
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.safetensors_reader import SafetensorsHeader
-from ms2hf.commands.merge import MergeOptions, merge
 
 DATA = Path(__file__).parent / "data"
 DENSE_FIXTURES = ["tiny_fp32", "tiny_bf16_dedup", "tiny_fp32_dp2tp2pp2_opt", "tiny_tied_fp32_tp2pp2"]

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from ms2hf import cli
+from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.errors import ModelError, Ms2hfError
 from ms2hf.io.tokenizer_files import TOKENIZER_FILES
-from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.transforms.hf_config import QWEN3_DEFAULTS, build_config
 from ms2hf.transforms.qwen3 import Dims
 from tests.conftest import DATA

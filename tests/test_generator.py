@@ -14,13 +14,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.commands.demo import mismatches
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator import GeneratorConfig, MoeConfig, generate
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.strategy import load_strategy
 from ms2hf.io.train_yaml import read_train_config
-from ms2hf.commands.convert import ConvertOptions, convert
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, load_tensors
 
 FIXTURES = DENSE_FIXTURES + MOE_FIXTURES

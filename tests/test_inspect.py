@@ -16,12 +16,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ms2hf import cli
-from ms2hf.errors import FormatError
-from ms2hf.generator import GeneratorConfig, MoeConfig, generate
-from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.commands.inspect import HUGGING_FACE, TRAINING, UNIFIED, inspect
 from ms2hf.commands.inspect_text import inspect_text
+from ms2hf.errors import FormatError
+from ms2hf.generator import GeneratorConfig, MoeConfig, generate
+from ms2hf.io.safetensors_reader import SafetensorsHeader
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES
 
 ALL_FIXTURES = DENSE_FIXTURES + MOE_FIXTURES

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from ms2hf.cli import main
-from ms2hf.generator import GeneratorConfig, generate
 from ms2hf.commands.convert import ConvertOptions, convert
+from ms2hf.generator import GeneratorConfig, generate
 from tests.conftest import DATA, MOE_FIXTURES, folder_bytes, load_hf_dir, load_tensors
 from tests.conftest import run_cli as run
 from tests.test_merge import load_unified, ms_params, training_params

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from ms2hf.cli import main
+from ms2hf.commands.merge import MergeOptions, assign_parts, merge
 from ms2hf.errors import ModelError, OutputError
 from ms2hf.io.safetensors_reader import SafetensorsHeader
-from ms2hf.commands.merge import MergeOptions, assign_parts, merge
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, folder_bytes, load_tensors
 from tests.edit_checkpoint import copy_fixture, edit_tensors, rank_file
 

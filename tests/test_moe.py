@@ -15,14 +15,15 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ms2hf.commands.convert import ConvertOptions, convert, write_hf_checkpoint
 from ms2hf.errors import ModelError
 from ms2hf.io.dtypes import NUMPY_DTYPES
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.safetensors_writer import save_file
+from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources.plan import Block, SourceParam, SourcePlan
 from ms2hf.pipeline.engine.assemble import fill_rows, row_bands
-from ms2hf.commands.convert import ConvertOptions, convert, write_hf_checkpoint
-from ms2hf.io.sources.legacy import Block, SourceParam, SourcePlan, plan_source
 from ms2hf.transforms import casts, qwen3_moe
 from ms2hf.transforms.families import hf_model
 from ms2hf.transforms.pieces import OutputTensor

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ms2hf.generator import Generated, GeneratorConfig, MoeConfig, generate
 from ms2hf.commands.merge import MergeOptions, merge
+from ms2hf.generator import Generated, GeneratorConfig, MoeConfig, generate
 from tests.conftest import folder_bytes, load_hf_dir, load_tensors
 from tests.conftest import run_cli as run
 from tests.test_legacy_flags import reverse_argv

@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.generator import GeneratorConfig, MoeConfig, generate
 from ms2hf.generator.models import model_spec
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
-from ms2hf.commands.convert import ConvertOptions, convert
 from tests.conftest import load_hf_dir, load_tensors
 
 CAST = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}

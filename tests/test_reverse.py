@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ms2hf.errors import FormatError, ModelError
-from ms2hf.io.safetensors_writer import save_file
 from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.commands.merge import MergeOptions, merge
 from ms2hf.commands.reverse import reverse
+from ms2hf.errors import FormatError, ModelError
+from ms2hf.io.safetensors_writer import save_file
 from tests.conftest import (
     DATA,
     DENSE_FIXTURES,

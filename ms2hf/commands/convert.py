@@ -19,21 +19,21 @@ from ms2hf.errors import FormatError, ModelError, OutputError
 from ms2hf.io.dtypes import itemsize
 from ms2hf.io.hf_output import HF_INDEX, HF_METADATA, copy_file, index_document, write_json
 from ms2hf.io.mapped import MappedFiles
+from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources.plan import SourcePlan
 from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
-from ms2hf.pipeline.given import given_values, origin_lines
+from ms2hf.pipeline.engine.checks import FiniteCheck, check_replicas
 from ms2hf.pipeline.engine.execute import PlannedFile, PlannedTensor, SmallFile, write_files
-from ms2hf.pipeline.engine.checks import FiniteCheck
-from ms2hf.pipeline.jsonable import jsonable
+from ms2hf.pipeline.engine.memory import MemorySampler, peak_rss_bytes
 from ms2hf.pipeline.engine.output_dir import prepare_output_dir
 from ms2hf.pipeline.engine.progress import Progress
-from ms2hf.pipeline.engine.checks import check_replicas
-from ms2hf.pipeline.engine.memory import MemorySampler, peak_rss_bytes
+from ms2hf.pipeline.given import given_values, origin_lines
+from ms2hf.pipeline.jsonable import jsonable
 from ms2hf.pipeline.shards import assign_shards
-from ms2hf.io.sources.legacy import SourcePlan, plan_source
 from ms2hf.transforms.casts import TARGETS, output_dtype
-from ms2hf.transforms.hf_config import config_json
 from ms2hf.transforms.families import HfModel, hf_model
+from ms2hf.transforms.hf_config import config_json
 
 log = logging.getLogger("ms2hf")
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ms2hf.commands.convert import ConvertOptions, ConvertReport, convert
 from ms2hf.generator import Generated, GeneratorConfig, MoeConfig, generate
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
 from ms2hf.pipeline.engine.budget import format_size
-from ms2hf.commands.convert import ConvertOptions, ConvertReport, convert
 from ms2hf.transforms.casts import cast_into, output_dtype
 
 DEMO_MODEL = GeneratorConfig(

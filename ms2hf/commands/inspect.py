@@ -17,16 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ms2hf.commands.convert import ConvertOptions, gather_given, plan_hf_checkpoint
 from ms2hf.errors import FormatError, ModelError
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.io.safetensors_reader import SafetensorsHeader
+from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources.plan import SourceParam, SourcePlan
+from ms2hf.io.sources.unified import plan_unified
 from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.io.unified_format import PARAM_NAME_MAP
-from ms2hf.commands.convert import ConvertOptions, gather_given, plan_hf_checkpoint
 from ms2hf.pipeline.jsonable import jsonable
-from ms2hf.io.sources.legacy import SourceParam, SourcePlan, plan_source
-from ms2hf.io.sources.unified import plan_unified
 from ms2hf.transforms.hf_config import ConfigValue
 from ms2hf.transforms.qwen3_moe import W1, W2
 

@@ -10,9 +10,9 @@ import re
 import textwrap
 from collections.abc import Iterable, Sequence
 
+from ms2hf.commands.inspect import TRAINING, InspectReport, ParamReport
 from ms2hf.pipeline.engine.budget import format_size
 from ms2hf.pipeline.given import origin_lines
-from ms2hf.commands.inspect import TRAINING, InspectReport, ParamReport
 
 _LAYER = re.compile(r"\.layers\.\d+\.")
 LISTED_FILES = 16

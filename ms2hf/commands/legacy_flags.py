@@ -13,11 +13,11 @@ import argparse
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ms2hf.commands.convert import ConvertOptions
+from ms2hf.commands.merge import MergeOptions
 from ms2hf.errors import Ms2hfError
 from ms2hf.io.train_yaml import ALIASES
 from ms2hf.pipeline.engine.budget import default_workers
-from ms2hf.commands.convert import ConvertOptions
-from ms2hf.commands.merge import MergeOptions
 
 REVERSE_SIZE_FLAGS = {
     flag: ALIASES[flag]

@@ -20,6 +20,8 @@ from pathlib import Path
 from ms2hf.errors import ModelError
 from ms2hf.io.hf_output import index_document, write_json
 from ms2hf.io.mapped import MappedFiles
+from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.io.train_yaml import read_train_config
 from ms2hf.io.unified_format import (
     HYPER_PARAM,
@@ -29,12 +31,10 @@ from ms2hf.io.unified_format import (
     unified_dir,
 )
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
+from ms2hf.pipeline.engine.checks import FiniteCheck, check_replicas
 from ms2hf.pipeline.engine.execute import PlannedFile, PlannedTensor, SmallFile, write_files
-from ms2hf.pipeline.engine.checks import FiniteCheck
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, prepare_output_dir
 from ms2hf.pipeline.engine.progress import Progress
-from ms2hf.pipeline.engine.checks import check_replicas
-from ms2hf.io.sources.legacy import SourceParam, SourcePlan, plan_source
 from ms2hf.transforms import pieces
 from ms2hf.transforms.families import hf_model
 

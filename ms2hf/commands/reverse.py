@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ms2hf.errors import ModelError
 from ms2hf.commands.convert import ConvertOptions, ConvertReport, gather_given, write_hf_checkpoint
+from ms2hf.errors import ModelError
 from ms2hf.io.sources.unified import plan_unified
 from ms2hf.transforms.families import detect_model_type
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator.params import ParamSpec
-from ms2hf.io.sources.strategy import Layout, stored_tensor_map
 from ms2hf.io.placement import block_coords, grid, holders
+from ms2hf.io.sources.strategy import Layout, stored_tensor_map
 
 SAVED_STATES = ("adam_m.", "adam_v.")
 """A trained weight's optimizer states, saved beside it in every rank file that saves it."""

@@ -1,5 +1,9 @@
-"""The source side of a conversion, planned from headers and strategies before any tensor byte
-is read: for every model parameter its full shape, dtype and the blocks that tile it.
+"""The legacy format: ``checkpoint/rank_N/*.safetensors`` with ``strategy/`` files, as a
+source plan (``docs/legacy-format.md``, ``docs/layout-math.md``).
+
+Rank files: ``checkpoint/rank_N/{prefix}_rank_N-{epoch}_{step}.safetensors``. A folder may hold
+several steps; the prefix is whatever the yaml said, so only the rank folder and the suffix are
+trusted. The plan is made from headers and strategies before any tensor byte is read.
 
 One rule serves redundant and de-duplicated saves alike: every file that has a parameter places
 its block where its layout says; the lowest rank's copy of each block is the one read, the rest
@@ -10,79 +14,93 @@ recorded for accounting but never scheduled for reading.
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ms2hf.errors import CoverageError, FormatError, LayoutError
-from ms2hf.io.dtypes import nbytes
-from ms2hf.io.rank_files import find_rank_dirs, select_step
+from ms2hf.io.placement import Grid, block_coords, grid, holders
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
+from ms2hf.io.sources.plan import Block, SourceFile, SourceParam, SourcePlan, whole_param
 from ms2hf.io.sources.strategy import Strategy, load_strategy
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
-from ms2hf.io.placement import Grid, block_coords, grid, holders
+
+_RANK_DIR = re.compile(r"^rank_(\d+)$")
+_STEP = re.compile(r"-(\d+)_(\d+)\.safetensors$")
 
 
-@dataclass(frozen=True)
-class Block:
-    """One rank file's slice of a parameter, and where it goes in the full tensor."""
-
-    path: Path
-    rank: int
-    key: str
-    start: int
-    """Absolute byte offset of the slice in ``path``."""
-    offsets: tuple[int, ...]
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class SourceParam:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    blocks: tuple[Block, ...]
-    """One block per grid cell (the lowest rank's copy), in grid order."""
-    replicas: tuple[Block, ...] = ()
-    """Further copies, present when redundancy was not removed; for ``--check-replicas``."""
-
-    @property
-    def nbytes(self) -> int:
-        return nbytes(self.dtype, self.shape)
+def find_rank_dirs(checkpoint_dir: str | Path) -> dict[int, Path]:
+    """``rank_N`` folders by rank, checked to be exactly 0..W-1."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise FormatError(f"{root}: checkpoint folder does not exist or is not a folder")
+    ranks = {
+        int(m.group(1)): p
+        for p in root.iterdir()
+        if p.is_dir() and (m := _RANK_DIR.match(p.name))
+    }
+    if not ranks:
+        raise FormatError(f"{root}: no rank_N folders (expected rank_0, rank_1, ...)")
+    if max(ranks) >= len(ranks):
+        # Bounded by the folders found, not by the largest number (a stray rank_99999999).
+        missing = [r for r in range(min(max(ranks), len(ranks) + 8)) if r not in ranks][:8]
+        total = max(ranks) + 1 - len(ranks)
+        names = ", ".join(f"rank_{r}" for r in missing) + (" ..." if total > len(missing) else "")
+        raise FormatError(
+            f"{root}: rank folders {names} are missing (found {len(ranks)} of {max(ranks) + 1})"
+        )
+    return dict(sorted(ranks.items()))
 
 
-def whole_param(path: Path, rank: int, info: TensorInfo) -> SourceParam:
-    """A tensor stored whole in one file (a scalar, a merged parameter): one block at the origin."""
-    block = Block(path, rank, info.name, info.start, (0,) * len(info.shape), info.shape)
-    return SourceParam(info.name, info.shape, info.dtype, (block,))
+def _steps(rank_dir: Path) -> dict[str, list[Path]]:
+    files = list(rank_dir.iterdir())
+    if any(p.suffix == ".ckpt" for p in files) and any(p.suffix == ".safetensors" for p in files):
+        raise FormatError(
+            f"{rank_dir}: holds both .ckpt and .safetensors checkpoints; keep one format per folder"
+        )
+    steps: dict[str, list[Path]] = {}
+    for p in files:
+        m = _STEP.search(p.name)
+        if m is not None:
+            steps.setdefault(f"{m.group(1)}_{m.group(2)}", []).append(p)
+    return steps
 
 
-@dataclass(frozen=True)
-class RankFile:
-    rank: int
-    stage: int
-    path: Path
-    metadata: Mapping[str, str]
+def _step_key(step: str) -> tuple[int, int]:
+    epoch, sub = step.split("_")
+    return int(epoch), int(sub)
 
 
-@dataclass
-class SourcePlan:
-    step: str
-    files: tuple[RankFile, ...]
-    params: dict[str, SourceParam]
-    scalars: dict[str, SourceParam]
-    """Training scalars (step counters, loss scale), each a single block from the lowest rank
-    holding it: what ``merge`` copies into ``hyper_param.safetensors``."""
-    remove_redundancy: bool
-    num_stages: int
-    grids: dict[str, Grid] = field(default_factory=dict)
-    """How the strategy cuts each parameter it lays out; one absent is stored whole."""
-    optimizer_bytes: int = 0
-    scalar_bytes: int = 0
-
-    @property
-    def param_bytes(self) -> int:
-        return sum(p.nbytes for p in self.params.values())
+def select_step(rank_dirs: dict[int, Path], step: str | None = None) -> tuple[str, dict[int, Path]]:
+    """The chosen step and each rank's file for it; the newest step every rank has by default."""
+    per_rank = {rank: _steps(d) for rank, d in rank_dirs.items()}
+    if step is None:
+        common = set.intersection(*(set(s) for s in per_rank.values()))
+        if not common:
+            empty = [r for r, s in per_rank.items() if not s]
+            where = (
+                f"rank_{empty[0]} holds no '*-<epoch>_<step>.safetensors' file"
+                if empty
+                else "no step is present in every rank folder"
+            )
+            raise FormatError(f"{rank_dirs[min(rank_dirs)].parent}: {where}")
+        step = max(common, key=_step_key)
+    chosen: dict[int, Path] = {}
+    for rank, steps in per_rank.items():
+        files = steps.get(step, [])
+        if not files:
+            raise FormatError(
+                f"{rank_dirs[rank]}: no file for step {step} (expected '*-{step}.safetensors'; "
+                f"this folder has steps {sorted(steps, key=_step_key) or 'none'})"
+            )
+        if len(files) > 1:
+            raise FormatError(
+                f"{rank_dirs[rank]}: {len(files)} files match step {step}: "
+                f"{', '.join(sorted(p.name for p in files))}; remove all but one"
+            )
+        chosen[rank] = files[0]
+    return step, chosen
 
 
 @dataclass
@@ -136,7 +154,7 @@ def build_source_plan(
             f"checkpoint has only {world} rank folders (strategy and checkpoint from different runs?)"
         )
 
-    files: list[RankFile] = []
+    files: list[SourceFile] = []
     collecting: dict[str, _Collecting] = {}
     scalars: dict[str, SourceParam] = {}
     optimizer_bytes = scalar_bytes = 0
@@ -148,7 +166,7 @@ def build_source_plan(
                 f"with {per_stage} ranks per stage it should be in stage {rank // per_stage}"
             )
         local = rank - stage * per_stage
-        files.append(RankFile(rank, stage, header.path, header.metadata))
+        files.append(SourceFile(rank, stage, header.path, header.metadata))
         for key, info in header.tensors.items():
             kind = key_kind(key)
             if kind is KeyKind.OPTIMIZER:

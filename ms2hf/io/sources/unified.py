@@ -12,9 +12,9 @@ from pathlib import Path
 
 from ms2hf.errors import FormatError
 from ms2hf.io.safetensors_reader import SafetensorsHeader
+from ms2hf.io.sources.plan import SourceFile, SourceParam, SourcePlan, whole_param
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
 from ms2hf.io.unified_format import PARAM_NAME_MAP, read_param_name_map
-from ms2hf.io.sources.legacy import RankFile, SourceParam, SourcePlan, whole_param
 
 STEP = "unified"
 """A unified folder has no training step of its own."""
@@ -93,7 +93,7 @@ def plan_unified(path: str | Path) -> SourcePlan:
         _check_map(path, mapping, found)
     return SourcePlan(
         step=STEP,
-        files=tuple(RankFile(i, 0, h.path, h.metadata) for i, h in enumerate(headers)),
+        files=tuple(SourceFile(i, 0, h.path, h.metadata) for i, h in enumerate(headers)),
         params=params,
         scalars=scalars,
         remove_redundancy=False,

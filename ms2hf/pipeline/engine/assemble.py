@@ -14,7 +14,7 @@ import numpy as np
 
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
-from ms2hf.io.sources.legacy import Block, SourceParam
+from ms2hf.io.sources.plan import Block, SourceParam
 from ms2hf.transforms.casts import cast_into, cast_transposed_into
 from ms2hf.transforms.pieces import OutputTensor, Piece
 

@@ -26,7 +26,7 @@ import numpy as np
 from ms2hf.errors import LayoutError, ModelError
 from ms2hf.io.dtypes import nbytes as tensor_nbytes
 from ms2hf.io.mapped import MappedFiles
-from ms2hf.io.sources.legacy import Block, SourceParam, SourcePlan
+from ms2hf.io.sources.plan import Block, SourceParam, SourcePlan
 from ms2hf.pipeline.engine.execute import PlannedTensor
 
 log = logging.getLogger("ms2hf")

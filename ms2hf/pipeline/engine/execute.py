@@ -28,11 +28,11 @@ from ms2hf.errors import FormatError
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, TensorEntry, layout_shard
+from ms2hf.io.sources.plan import SourceParam
 from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.engine.budget import MemoryBudget
 from ms2hf.pipeline.engine.output_dir import OutputRun, claim_output_dir
 from ms2hf.pipeline.engine.progress import Progress
-from ms2hf.io.sources.legacy import SourceParam
 from ms2hf.transforms.pieces import OutputTensor
 
 
