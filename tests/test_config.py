@@ -14,7 +14,8 @@ from ms2hf import cli
 from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.errors import ModelError, Ms2hfError
 from ms2hf.io.tokenizer_files import TOKENIZER_FILES
-from ms2hf.transforms.hf_config import QWEN3_DEFAULTS, build_config
+from ms2hf.transforms import qwen3
+from ms2hf.transforms.hf_config import build_config
 from ms2hf.transforms.qwen3 import Dims
 from tests.conftest import DATA
 
@@ -54,14 +55,16 @@ def test_defaults_and_sizes(tmp_path: Path) -> None:
     ):
         assert config[key] == TRUTH[key], key
         assert origins[key] == "weights", key
-    for key in (
-        "rms_norm_eps",
-        "rope_theta",
-        "max_position_embeddings",
-        "hidden_act",
-        "attention_bias",
-    ):
-        assert config[key] == QWEN3_DEFAULTS[key], key
+    # The values every published Qwen3 config.json states (Qwen3-0.6B ... Qwen3-32B).
+    published = {
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "hidden_act": "silu",
+        "attention_bias": False,
+    }
+    for key, value in published.items():
+        assert config[key] == value, key
         assert origins[key] == "qwen3 default", key
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["model_type"] == "qwen3"
     assert config["rope_parameters"] == {"rope_type": "default", "rope_theta": config["rope_theta"]}
@@ -73,7 +76,7 @@ def test_defaults_and_sizes(tmp_path: Path) -> None:
 
 def test_defaults_token_ids_kept_when_the_vocabulary_has_them() -> None:
     dims = Dims(1024, 151936, 28, 16, 8, 128, 3072, True)
-    values = build_config("Qwen3ForCausalLM", "qwen3", dims, "BF16", {})
+    values = build_config(qwen3.FAMILY, dims, "BF16", {})
     assert (values["bos_token_id"].value, values["eos_token_id"].value) == (151643, 151645)
     assert values["eos_token_id"].origin == "qwen3 default"
 

@@ -24,7 +24,7 @@ from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.safetensors_writer import TensorEntry, layout_shard
 from ms2hf.io.sources.legacy import plan_source
 from ms2hf.io.sources.strategy_proto import ParallelStrategyMap
-from ms2hf.transforms.families import hf_model
+from ms2hf.transforms.registry import hf_model
 from tests.conftest import DATA
 from tests.edit_checkpoint import split
 

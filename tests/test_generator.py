@@ -18,9 +18,9 @@ from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.commands.demo import mismatches
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator import GeneratorConfig, MoeConfig, generate
+from ms2hf.io.config_files import read_train_config
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.strategy import load_strategy
-from ms2hf.io.train_yaml import read_train_config
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, load_tensors
 
 FIXTURES = DENSE_FIXTURES + MOE_FIXTURES
@@ -277,9 +277,9 @@ def test_given_weights_are_refused_by_name_before_anything_is_written(
 def test_train_yaml_carries_the_sizes_and_layout_flags(tmp_path: Path) -> None:
     config = GeneratorConfig(contiguous_qkv=True, interleaved_fc1=False, heads=6, groups=3)
     given = read_train_config(generate(config, tmp_path).train_yaml)
-    assert given["use_contiguous_weight_layout_attention"][0] is True
-    assert given["use_interleaved_weight_layout_mlp"][0] is False
-    assert given["num_attention_heads"][0] == 6 and given["num_key_value_heads"][0] == 3
+    assert given["use_contiguous_weight_layout_attention"].value is True
+    assert given["use_interleaved_weight_layout_mlp"].value is False
+    assert given["num_attention_heads"].value == 6 and given["num_key_value_heads"].value == 3
 
 
 def test_layout_flags_change_the_rank_files_but_not_the_expected_tensors(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 
 import ml_dtypes
 import numpy as np
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from ms2hf.commands.convert import ConvertOptions, convert, write_hf_checkpoint
 from ms2hf.errors import ModelError
+from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.dtypes import NUMPY_DTYPES
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader
@@ -25,8 +27,9 @@ from ms2hf.io.sources.legacy import plan_source
 from ms2hf.io.sources.plan import Block, SourceParam, SourcePlan
 from ms2hf.pipeline.engine.assemble import fill_rows, row_bands
 from ms2hf.transforms import casts, qwen3_moe
-from ms2hf.transforms.families import hf_model
+from ms2hf.transforms.mappings import Context, WeightLayout
 from ms2hf.transforms.pieces import OutputTensor
+from ms2hf.transforms.registry import hf_model
 from tests.conftest import (
     DATA,
     MOE_FIXTURES,
@@ -159,6 +162,18 @@ def _assemble(
     return out.reshape(tensor.shape)
 
 
+def _expert_outputs(e: int, experts: int, hidden: int, ffn: int) -> list[OutputTensor]:
+    """Expert ``e``'s gate, up and down, cut by Qwen3-MoE's own table rows from tensors named
+    ``w1`` and ``w2``."""
+    w1_row, _ = qwen3_moe.TABLE.row("decoder.layers.0.mlp.experts.weight1") or (None, "")
+    w2_row, _ = qwen3_moe.TABLE.row("decoder.layers.0.mlp.experts.weight2") or (None, "")
+    assert w1_row is not None and w2_row is not None
+    dims = SimpleNamespace(num_experts=experts, hidden_size=hidden, moe_intermediate_size=ffn)
+    ctx = Context({}, dims, WeightLayout())
+    made = [*w1_row.outputs("w1", "0", ctx), *w2_row.outputs("w2", "0", ctx)]
+    return [t for t in made if f".experts.{e}." in t.name]
+
+
 def test_expert_rules_element_by_element(tmp_path: Path) -> None:
     experts, hidden, ffn = 3, 4, 2
     w1 = np.arange(experts * hidden * 2 * ffn, dtype=np.float32).reshape(experts * hidden, 2 * ffn)
@@ -167,7 +182,7 @@ def test_expert_rules_element_by_element(tmp_path: Path) -> None:
     for e in range(experts):
         gate, up, down = (
             _assemble(t, params[t.source], np.dtype(np.float32), band_rows=1)
-            for t in qwen3_moe.expert_outputs("x.", "w1", "w2", e, hidden, ffn)
+            for t in _expert_outputs(e, experts, hidden, ffn)
         )
         assert gate.shape == up.shape == (ffn, hidden) and down.shape == (hidden, ffn)
         for j in range(ffn):
@@ -217,7 +232,7 @@ def test_transposed_expert_windows_across_blocks_and_bands(
         for e in range(experts):
             got = [
                 _assemble(t, params[t.source], NUMPY_DTYPES[dst], band_rows)
-                for t in qwen3_moe.expert_outputs("x.", "w1", "w2", e, hidden, ffn)
+                for t in _expert_outputs(e, experts, hidden, ffn)
             ]
             want = [
                 w1[e * hidden : (e + 1) * hidden, :ffn].T,
@@ -394,7 +409,7 @@ def _shapes(dense: tuple[int, ...] = ()) -> dict[str, tuple[int, ...]]:
 )
 def test_given_values_the_weights_contradict(values: dict, message: str) -> None:
     with pytest.raises(ModelError) as e:
-        hf_model(_shapes(), values, "F32")
+        hf_model(_shapes(), {k: ConfigValue(*v) for k, v in values.items()}, "F32")
     assert message in str(e.value)
     assert next(iter(values.values()))[1] in str(e.value)
 
@@ -411,8 +426,8 @@ def test_given_values_the_weights_contradict(values: dict, message: str) -> None
 def test_equivalent_sparsity_settings_are_accepted(sparsity: dict) -> None:
     """Layers 0 and 2 dense: step 2 says it, and so does step 1 with mlp_only_layers [0, 2]
     (a null list is an empty one, as in transformers)."""
-    values = {k: (v, f"train.yaml: {k}") for k, v in sparsity.items()}
-    values["intermediate_size"] = (24, "train.yaml: ffn_hidden_size")
+    values = {k: ConfigValue(v, f"train.yaml: {k}") for k, v in sparsity.items()}
+    values["intermediate_size"] = ConfigValue(24, "train.yaml: ffn_hidden_size")
     model = hf_model(_shapes(dense=(0, 2)), values, "F32")
     assert model.config["decoder_sparse_step"].value == 2
     assert model.config["mlp_only_layers"].value == ()
@@ -440,7 +455,7 @@ def test_equivalent_sparsity_settings_are_accepted(sparsity: dict) -> None:
             {"decoder.layers.1.mlp.experts.weight1": (4 * 15, 12)},
             "must be [64, 2 * moe_intermediate_size]",
         ),
-        ({"decoder.layers.1.mlp.linear_fc1.weight": (48, 16)}, "unexpected parameters"),
+        ({"decoder.layers.1.mlp.linear_fc1.weight": (48, 16)}, "has both a dense MLP and experts"),
     ],
 )
 def test_malformed_moe_layers_are_reported(change: dict, message: str) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.generator import GeneratorConfig, MoeConfig, generate
-from ms2hf.generator.models import model_spec
+from ms2hf.generator.network import model_spec
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
 from tests.conftest import load_hf_dir, load_tensors

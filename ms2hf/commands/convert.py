@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ms2hf.errors import FormatError, ModelError, OutputError
+from ms2hf.io.config_files import ConfigValue, Given
 from ms2hf.io.dtypes import itemsize
 from ms2hf.io.hf_output import HF_INDEX, HF_METADATA, copy_file, index_document, write_json
 from ms2hf.io.mapped import MappedFiles
@@ -32,8 +34,8 @@ from ms2hf.pipeline.given import given_values, origin_lines
 from ms2hf.pipeline.jsonable import jsonable
 from ms2hf.pipeline.shards import assign_shards
 from ms2hf.transforms.casts import TARGETS, output_dtype
-from ms2hf.transforms.families import HfModel, hf_model
 from ms2hf.transforms.hf_config import config_json
+from ms2hf.transforms.registry import HfModel, hf_model
 
 log = logging.getLogger("ms2hf")
 
@@ -54,8 +56,8 @@ class ConvertOptions:
     """A Hugging Face config.json: config values the weights cannot tell; its sizes are checked."""
     tokenizer_dir: Path | None = None
     """A folder whose tokenizer and generation files are copied into the output."""
-    given: dict[str, tuple[Any, str]] = field(default_factory=dict)
-    """Values from flags, ``{hf name: (value, flag)}``: checked against the shapes."""
+    given: Mapping[str, ConfigValue] = field(default_factory=dict)
+    """Values from flags, under config.json names (origin: the flag): checked against the shapes."""
     overwrite: bool = False
     progress: bool = True
     strict: bool = False
@@ -100,7 +102,7 @@ class ConvertReport:
         return {**jsonable(self), "gb_per_s": self.gb_per_s}
 
 
-def gather_given(options: ConvertOptions) -> dict[str, tuple[Any, str]]:
+def gather_given(options: ConvertOptions) -> Given:
     """Reference config and yaml values, then flags on top (a flag names itself in messages)."""
     return given_values(options.reference_config, options.config, options.given)
 
@@ -117,7 +119,7 @@ def plan_hf_files(model: HfModel, source: SourcePlan, options: ConvertOptions) -
 
 
 def plan_hf_checkpoint(
-    source: SourcePlan, options: ConvertOptions, given: dict[str, tuple[Any, str]]
+    source: SourcePlan, options: ConvertOptions, given: Given
 ) -> tuple[HfModel, list[PlannedFile]]:
     """The model, its config and the files a run would write, from shapes alone."""
     shapes = {name: p.shape for name, p in source.params.items()}
@@ -130,7 +132,7 @@ def plan_hf_checkpoint(
 
 
 def write_hf_checkpoint(
-    source: SourcePlan, out_dir: Path, options: ConvertOptions, given: dict[str, tuple[Any, str]]
+    source: SourcePlan, out_dir: Path, options: ConvertOptions, given: Given
 ) -> ConvertReport:
     """The shared back half of ``convert`` and ``reverse``: model rules, shards, index, config."""
     started = time.perf_counter()

@@ -19,6 +19,7 @@ from typing import Any
 
 from ms2hf.commands.convert import ConvertOptions, gather_given, plan_hf_checkpoint
 from ms2hf.errors import FormatError, ModelError
+from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.io.safetensors_reader import SafetensorsHeader
@@ -28,8 +29,8 @@ from ms2hf.io.sources.unified import plan_unified
 from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.io.unified_format import PARAM_NAME_MAP
 from ms2hf.pipeline.jsonable import jsonable
-from ms2hf.transforms.hf_config import ConfigValue
-from ms2hf.transforms.qwen3_moe import W1, W2
+from ms2hf.transforms.mappings import GroupedExperts
+from ms2hf.transforms.registry import HfModel
 
 TRAINING = "training output"
 UNIFIED = "unified checkpoint"
@@ -175,8 +176,20 @@ def inspect(path: str | os.PathLike[str], options: ConvertOptions | None = None)
     return inspect_source(path, kind, source, options)
 
 
-def _experts_per_block(name: str, split: tuple[int, ...], experts: int | None) -> int | None:
-    if experts is None or not name.endswith((W1, W2)) or experts % split[0]:
+def _grouped_experts(model: HfModel | None) -> frozenset[str]:
+    """The parameters that stack whole experts along dim 0 (split there: expert parallelism)."""
+    if model is None:
+        return frozenset()
+    rows = model.family.table
+    return frozenset(
+        t.source for t in model.outputs if isinstance((rows.row(t.source) or (None,))[0], GroupedExperts)
+    )
+
+
+def _experts_per_block(
+    name: str, split: tuple[int, ...], experts: int | None, grouped: frozenset[str]
+) -> int | None:
+    if experts is None or name not in grouped or experts % split[0]:
         return None
     return experts // split[0]
 
@@ -187,6 +200,7 @@ def _param_report(
     stage_of: Mapping[int, int],
     ranks_per_stage: int,
     experts: int | None,
+    grouped: frozenset[str],
 ) -> ParamReport:
     grid = source.grids.get(p.name)
     optimizer_chunks = grid.opt_chunks if grid else 1
@@ -201,7 +215,7 @@ def _param_report(
         optimizer_chunks=optimizer_chunks,
         replicas=ranks_per_stage // len(p.blocks),
         saved_copies=(len(p.blocks) + len(p.replicas)) // len(p.blocks),
-        experts_per_block=_experts_per_block(p.name, split, experts),
+        experts_per_block=_experts_per_block(p.name, split, experts, grouped),
     )
 
 
@@ -232,11 +246,12 @@ def inspect_source(
     """The report for anything described by a source plan: a training output or unified folder."""
     stage_of = {f.rank: f.stage for f in source.files}
     ranks_per_stage = len(source.files) // source.num_stages if kind == TRAINING else 1
-    model, output, order = _model_and_output(source, options)
+    hf, model, output, order = _model_and_output(source, options)
     experts = model.config.get("num_experts")
     num_experts = experts.value if experts else None
+    grouped = _grouped_experts(hf)
     params = tuple(
-        _param_report(source.params[name], source, stage_of, ranks_per_stage, num_experts)
+        _param_report(source.params[name], source, stage_of, ranks_per_stage, num_experts, grouped)
         for name in sorted(source.params, key=order)
     )
     files = _file_reports(path, source)
@@ -277,23 +292,18 @@ def _natural(name: str) -> tuple[Any, ...]:
 
 def _model_and_output(
     source: SourcePlan, options: ConvertOptions
-) -> tuple[ModelReport, OutputReport | None, Callable[[str], Any]]:
+) -> tuple[HfModel | None, ModelReport, OutputReport | None, Callable[[str], Any]]:
     """The model the parameters form, the files a run would write, and the order to list the
     parameters in (the model's); a checkpoint that is no supported model is still described,
     with the reason."""
     try:
         model, files = plan_hf_checkpoint(source, options, gather_given(options))
     except ModelError as e:
-        return ModelReport(None, {}, error=str(e)), None, _natural
+        return None, ModelReport(None, {}, error=str(e)), None, _natural
     first_use: dict[str, int] = {}
     for i, t in enumerate(model.outputs):
         first_use.setdefault(t.source, i)
-    used = set(first_use)
-    report = ModelReport(
-        model.model_type,
-        dict(model.config),
-        skipped=tuple(sorted(set(source.params) - used)),
-    )
+    report = ModelReport(model.model_type, dict(model.config), skipped=tuple(sorted(model.skipped)))
     planned = [t for f in files for t in f.tensors]
     output = OutputReport(
         dtype=options.dtype,
@@ -303,7 +313,7 @@ def _model_and_output(
         parameters=sum(math.prod(t.tensor.shape) for t in planned),
         also=(*_tokenizer_names(options), HF_CONFIG, HF_INDEX),
     )
-    return report, output, lambda name: (first_use.get(name, len(first_use)), _natural(name))
+    return model, report, output, lambda name: (first_use.get(name, len(first_use)), _natural(name))
 
 
 def _tokenizer_names(options: ConvertOptions) -> list[str]:

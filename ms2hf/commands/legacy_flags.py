@@ -16,7 +16,7 @@ from pathlib import Path
 from ms2hf.commands.convert import ConvertOptions
 from ms2hf.commands.merge import MergeOptions
 from ms2hf.errors import Ms2hfError
-from ms2hf.io.train_yaml import ALIASES
+from ms2hf.io.config_files import ALIASES, ConfigValue
 from ms2hf.pipeline.engine.budget import default_workers
 
 REVERSE_SIZE_FLAGS = {
@@ -222,7 +222,7 @@ def reverse_request(args: argparse.Namespace, options: ConvertOptions) -> Revers
             "--reversed changes nothing: reverse always converts MindSpore -> Hugging Face"
         )
     given = {
-        hf_name: (getattr(args, flag), f"--{flag}")
+        hf_name: ConfigValue(getattr(args, flag), f"--{flag}")
         for flag, hf_name in REVERSE_SIZE_FLAGS.items()
         if getattr(args, flag) is not None
     }

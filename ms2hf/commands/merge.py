@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ms2hf.errors import ModelError
+from ms2hf.io.config_files import read_train_config
 from ms2hf.io.hf_output import index_document, write_json
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.sources.legacy import plan_source
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
-from ms2hf.io.train_yaml import read_train_config
 from ms2hf.io.unified_format import (
     HYPER_PARAM,
     METADATA,
@@ -36,7 +36,7 @@ from ms2hf.pipeline.engine.execute import PlannedFile, PlannedTensor, SmallFile,
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, prepare_output_dir
 from ms2hf.pipeline.engine.progress import Progress
 from ms2hf.transforms import pieces
-from ms2hf.transforms.families import hf_model
+from ms2hf.transforms.registry import hf_model
 
 log = logging.getLogger("ms2hf")
 

@@ -6,46 +6,42 @@ unified folder instead of rank slices. The model, its sizes and the output are t
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from ms2hf.commands.convert import ConvertOptions, ConvertReport, gather_given, write_hf_checkpoint
 from ms2hf.errors import ModelError
+from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.sources.unified import plan_unified
-from ms2hf.transforms.families import detect_model_type
-
-MODEL_NAMES = {"qwen3": "qwen3", "qwen3-moe": "qwen3_moe", "qwen3_moe": "qwen3_moe"}
-"""``--model`` spellings of the old tools -> the model type ms2hf detects."""
-
-EXPERT_SIZES = ("num_experts", "moe_intermediate_size")
+from ms2hf.transforms.family import ModelFamily
+from ms2hf.transforms.registry import by_name, detect
 
 
-def check_model_flag(model: str, detected: str, where: Path) -> None:
-    wanted = MODEL_NAMES.get(model.lower())
-    if wanted is None:
+def check_model_flag(model: str, detected: ModelFamily, where: Path) -> None:
+    """``--model`` names the family the weights are (any spelling the registry knows)."""
+    try:
+        wanted = by_name(model)
+    except ModelError as e:
+        raise ModelError(f"--model {e}") from e
+    if wanted is not detected:
         raise ModelError(
-            f"--model {model!r} is not supported; ms2hf converts {', '.join(sorted(MODEL_NAMES))}"
-        )
-    if wanted != detected:
-        raise ModelError(
-            f"--model {model!r} disagrees with {where}, whose parameters are {detected}"
+            f"--model {model!r} disagrees with {where}, whose parameters are {detected.model_type}"
         )
 
 
-def _check_expert_flags(flags: Mapping[str, tuple[Any, str]], detected: str, where: Path) -> None:
-    """Expert sizes given as flags for a model without experts are a claim the weights
-    contradict. (A yaml may carry unused MoE keys; only flags are checked here.)"""
-    if detected.endswith("_moe"):
-        return
-    for name in EXPERT_SIZES:
-        if name in flags:
-            value, flag = flags[name]
+def _check_size_flags(flags: Mapping[str, ConfigValue], detected: ModelFamily, where: Path) -> None:
+    """A size flag the detected family has no such size for is a claim the weights contradict
+    (expert flags on a dense model). A yaml may carry unused keys; only flags are checked here."""
+    sizes = {f.name for f in dataclasses.fields(detected.dims_type)}
+    for name, flag in flags.items():
+        if name not in sizes:
             raise ModelError(
-                f"{flag} = {value!r} disagrees with {where}: it is a dense {detected} model, "
-                "with no decoder.layers.<i>.mlp.experts tensors"
+                f"{flag.origin} = {flag.value!r} disagrees with {where}: it is a "
+                f"{detected.name} model, which has no {name} (no such tensors: a dense model "
+                "has no mlp.experts)"
             )
 
 
@@ -61,10 +57,10 @@ def reverse(
     source_path = Path(input_path)
     given = gather_given(options)
     source = plan_unified(source_path)
-    detected = detect_model_type({name: p.shape for name, p in source.params.items()})
+    detected = detect({name: p.shape for name, p in source.params.items()})
     if model is not None:
         check_model_flag(model, detected, source_path)
-    _check_expert_flags(options.given, detected, source_path)
+    _check_size_flags(options.given, detected, source_path)
     report = write_hf_checkpoint(source, Path(out_dir), options, given)
     report.seconds = time.perf_counter() - started
     return report

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ms2hf.errors import FormatError, Ms2hfError
+from ms2hf.io.config_files import read_train_config
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.io.mapped import MappedFiles
@@ -29,15 +30,13 @@ from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
 from ms2hf.io.shard_digest import file_digest
 from ms2hf.io.sources.legacy import plan_source
 from ms2hf.io.sources.plan import SourceParam
-from ms2hf.io.train_yaml import read_train_config
 from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
 from ms2hf.pipeline.engine.checks import first_difference
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, read_run_record
 from ms2hf.transforms.casts import TARGETS, output_dtype
-from ms2hf.transforms.families import hf_model
-from ms2hf.transforms.hf_shapes import expected_tensors
 from ms2hf.transforms.pieces import OutputTensor
+from ms2hf.transforms.registry import expected_tensors, hf_model
 
 SINGLE_FILE = "model.safetensors"
 SHOWN_PROBLEMS = 20

@@ -27,14 +27,14 @@ import yaml
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator.config import GeneratorConfig
 from ms2hf.generator.layouts import PlacedParam, place, savers
-from ms2hf.generator.models import model_spec
-from ms2hf.generator.params import ModelSpec
+from ms2hf.generator.network import ModelSpec, model_spec
 from ms2hf.generator.strategy_file import encode_stage
+from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.hf_output import HF_METADATA
 from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
-from ms2hf.transforms.families import hf_model
 from ms2hf.transforms.pieces import OutputTensor, Piece
+from ms2hf.transforms.registry import hf_model
 
 BAND_BYTES = 64 << 20
 EXPECTED = Path("expected") / "hf_model.safetensors"
@@ -252,7 +252,7 @@ def _write_slices(
 
 def _hf_outputs(model: ModelSpec, config: GeneratorConfig) -> tuple[OutputTensor, ...]:
     """The Hugging Face tensors, as the converter's rules cut them from the parameters."""
-    given = {name: (value, "generator") for name, value in model.model_config.items()}
+    given = {name: ConfigValue(value, "generator") for name, value in model.model_config.items()}
     shapes = {p.name: p.shape for p in model.params}
     return hf_model(shapes, given, config.source_dtype).outputs
 

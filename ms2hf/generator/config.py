@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ms2hf.errors import Ms2hfError
-from ms2hf.transforms import qwen3_moe
+from ms2hf.transforms import qwen3, qwen3_moe
+from ms2hf.transforms.family import ModelFamily
+from ms2hf.transforms.registry import by_name
 
 SOURCE_DTYPES = {"fp32": "F32", "bf16": "BF16"}
 """``params_dtype`` of the training run -> the safetensors dtype of its saved parameters."""
@@ -136,6 +138,33 @@ class GeneratorConfig:
             return frozenset(range(self.layers))
         moe = self.moe
         return qwen3_moe.dense_layers(moe.decoder_sparse_step, moe.mlp_only_layers, self.layers)
+
+    @property
+    def family(self) -> ModelFamily:
+        return by_name("qwen3" if self.moe is None else "qwen3-moe")
+
+    @property
+    def dims(self) -> qwen3.Dims:
+        """The model's sizes under config.json names, as the family's rules read them."""
+        dense = qwen3.Dims(
+            hidden_size=self.hidden,
+            vocab_size=self.vocab,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.groups,
+            head_dim=self.head_dim,
+            intermediate_size=self.ffn,
+            tie_word_embeddings=self.tied,
+        )
+        if self.moe is None:
+            return dense
+        return qwen3_moe.MoeDims(
+            **vars(dense),
+            num_experts=self.moe.experts,
+            moe_intermediate_size=self.moe.moe_ffn,
+            decoder_sparse_step=self.moe.decoder_sparse_step,
+            mlp_only_layers=self.moe.mlp_only_layers,
+        )
 
     @property
     def devices_per_stage(self) -> int:

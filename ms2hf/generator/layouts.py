@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from ms2hf.errors import Ms2hfError
-from ms2hf.generator.params import ParamSpec
+from ms2hf.generator.network import ParamSpec
 from ms2hf.io.placement import block_coords, grid, holders
 from ms2hf.io.sources.strategy import Layout, stored_tensor_map
 

@@ -1,27 +1,22 @@
 """Where the values the weights cannot tell come from, and saying so.
 
-A reference config, the training yaml and command-line flags each give ``{name: (value,
-origin)}``. Two files that state one setting differently are an error rather than a silent pick:
-a wrong rope theta or epsilon gives a model that loads fine and generates nonsense. Flags are the
-user's explicit word and override both files.
+A reference config, the training yaml and command-line flags each give ``{name: ConfigValue}``.
+Two files that state one setting differently are an error rather than a silent pick: a wrong
+rope theta or epsilon gives a model that loads fine and generates nonsense. Flags are the user's
+explicit word and override both files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from ms2hf.errors import Ms2hfError
-from ms2hf.io.reference_config import read_reference_config
-from ms2hf.io.train_yaml import read_train_config
-from ms2hf.transforms.hf_config import ConfigValue
-
-Given = dict[str, tuple[Any, str]]
+from ms2hf.io.config_files import ConfigValue, Given, read_reference_config, read_train_config
 
 
 def given_values(
-    reference: Path | None, train_yaml: Path | None, flags: Mapping[str, tuple[Any, str]]
+    reference: Path | None, train_yaml: Path | None, flags: Mapping[str, ConfigValue]
 ) -> Given:
     """The reference config's values, then the training yaml's, then the flags."""
     files = [
@@ -30,13 +25,13 @@ def given_values(
     ]
     merged: Given = {}
     for source in files:
-        for name, (value, origin) in source.items():
-            if name in merged and merged[name][0] != value:
+        for name, given in source.items():
+            if name in merged and merged[name].value != given.value:
                 raise Ms2hfError(
-                    f"{merged[name][1]} = {merged[name][0]!r} and {origin} = {value!r} disagree; "
-                    "make the two files agree, or give only one of them"
+                    f"{merged[name].origin} = {merged[name].value!r} and {given.origin} = "
+                    f"{given.value!r} disagree; make the two files agree, or give only one of them"
                 )
-            merged[name] = (value, origin)
+            merged[name] = given
     merged.update(flags)
     return merged
 

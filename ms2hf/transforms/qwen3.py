@@ -1,58 +1,100 @@
-"""Qwen3 (dense): MindSpore Transformers names and layouts -> Hugging Face (SPEC section 4).
+"""Qwen3 (dense): its names, sizes, config defaults and rename table (``docs/qwen3.md``).
 
-Every rule is a small function from shapes to ``OutputTensor`` values; nothing here touches
-tensor bytes. The model's sizes are read off the shapes, so flags are only ever checked, never
-needed; a flag that disagrees with the weights names the flag, the tensor and both values.
+The model's sizes are read off the shapes, so flags are only ever checked, never needed; a flag
+that disagrees with the weights names the flag, the tensor and both values. Qwen3-MoE
+(``ms2hf.transforms.qwen3_moe``) shares everything here but a layer's MLP.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ms2hf.errors import ModelError
-from ms2hf.transforms.pieces import OutputTensor, copy, row_runs
+from ms2hf.io.config_files import Given
+from ms2hf.transforms.family import ModelFamily, NetworkParam, Role
+from ms2hf.transforms.mappings import (
+    LAYER,
+    GateUpSplit,
+    QkvSplit,
+    Rename,
+    Row,
+    Table,
+    TiedHead,
+    layer_keys,
+)
 
 Shapes = Mapping[str, tuple[int, ...]]
 
 EMBEDDING = "embedding.word_embeddings.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
 OUTPUT_LAYER = "output_layer.weight"
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+LAYER_PREFIX = f"decoder.layers.{LAYER}."
+INPUT_NORM = LAYER_PREFIX + "input_layernorm.weight"
+QKV = LAYER_PREFIX + "self_attention.linear_qkv.weight"
+O_PROJ = LAYER_PREFIX + "self_attention.linear_proj.weight"
+Q_NORM = LAYER_PREFIX + "self_attention.q_layernorm.weight"
+K_NORM = LAYER_PREFIX + "self_attention.k_layernorm.weight"
+MLP_NORM = LAYER_PREFIX + "pre_mlp_layernorm.weight"
+FC1 = LAYER_PREFIX + "mlp.linear_fc1.weight"
+FC2 = LAYER_PREFIX + "mlp.linear_fc2.weight"
 
-QKV = "self_attention.linear_qkv.weight"
-Q_NORM = "self_attention.q_layernorm.weight"
-O_PROJ = "self_attention.linear_proj.weight"
-FC1 = "mlp.linear_fc1.weight"
+HF_LAYER = f"model.layers.{LAYER}."
+ATTENTION, DENSE_MLP, NORMS = "attention", "dense MLP", "norms"
 
-# Per-layer tensors that are renamed only, in Hugging Face's module order.
-ATTENTION_COPIES = {
-    O_PROJ: "self_attn.o_proj.weight",
-    Q_NORM: "self_attn.q_norm.weight",
-    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+HEAD_ROWS: tuple[Row, ...] = (Rename(EMBEDDING, "model.embed_tokens.weight"),)
+ATTENTION_ROWS: tuple[Row, ...] = (
+    QkvSplit(
+        QKV,
+        HF_LAYER + "self_attn.q_proj.weight",
+        HF_LAYER + "self_attn.k_proj.weight",
+        HF_LAYER + "self_attn.v_proj.weight",
+        ATTENTION,
+    ),
+    Rename(O_PROJ, HF_LAYER + "self_attn.o_proj.weight", ATTENTION),
+    Rename(Q_NORM, HF_LAYER + "self_attn.q_norm.weight", ATTENTION),
+    Rename(K_NORM, HF_LAYER + "self_attn.k_norm.weight", ATTENTION),
+)
+DENSE_MLP_ROWS: tuple[Row, ...] = (
+    GateUpSplit(FC1, HF_LAYER + "mlp.gate_proj.weight", HF_LAYER + "mlp.up_proj.weight", DENSE_MLP),
+    Rename(FC2, HF_LAYER + "mlp.down_proj.weight", DENSE_MLP),
+)
+NORM_ROWS: tuple[Row, ...] = (
+    Rename(INPUT_NORM, HF_LAYER + "input_layernorm.weight", NORMS),
+    Rename(MLP_NORM, HF_LAYER + "post_attention_layernorm.weight", NORMS),
+)
+TAIL_ROWS: tuple[Row, ...] = (
+    Rename(FINAL_NORM, "model.norm.weight"),
+    TiedHead("lm_head.weight", EMBEDDING, OUTPUT_LAYER),
+)
+TABLE = Table(
+    HEAD_ROWS + ATTENTION_ROWS + DENSE_MLP_ROWS + NORM_ROWS + TAIL_ROWS,
+    layer_groups=(ATTENTION, NORMS),
+    mlp_groups=(DENSE_MLP,),
+)
+
+DEFAULTS: dict[str, Any] = {
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_scaling": None,
+    "rope_theta": 1000000.0,
+    "sliding_window": None,
+    "use_cache": True,
+    "use_sliding_window": False,
 }
-DENSE_MLP_COPIES = {"mlp.linear_fc2.weight": "mlp.down_proj.weight"}
-NORM_COPIES = {
-    "input_layernorm.weight": "input_layernorm.weight",
-    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-}
-
-
-@dataclass(frozen=True)
-class WeightLayout:
-    """How fused weights are laid out; the training yaml's flags, with their defaults."""
-
-    contiguous_qkv: bool = False
-    """``use_contiguous_weight_layout_attention``: [q; k; v] instead of per-group blocks."""
-    interleaved_fc1: bool = True
-    """``use_interleaved_weight_layout_mlp``: gate and up rows alternate instead of halves."""
+"""From the published Qwen3 configs (Qwen3-0.6B ... 235B-A22B share these)."""
 
 
 @dataclass(frozen=True)
 class Dims:
-    """The sizes of a Qwen3 model, read off its tensors."""
+    """The sizes of a Qwen3 model, read off its tensors; every field is a config.json entry."""
 
     hidden_size: int
     vocab_size: int
@@ -65,32 +107,35 @@ class Dims:
     tie_word_embeddings: bool
 
 
-def layer_keys(shapes: Shapes) -> dict[int, dict[str, str]]:
-    """``{layer: {suffix: full name}}`` for every ``decoder.layers.i.*`` key."""
-    layers: dict[int, dict[str, str]] = {}
-    for name in shapes:
-        m = _LAYER.match(name)
-        if m is not None:
-            layers.setdefault(int(m.group(1)), {})[m.group(2)] = name
-    return dict(sorted(layers.items()))
+DIM_SOURCES = {
+    "hidden_size": f"{EMBEDDING} columns",
+    "vocab_size": f"{EMBEDDING} rows",
+    "num_hidden_layers": "the count of decoder.layers.<i>",
+    "num_attention_heads": f"{O_PROJ.replace(LAYER, '0')} columns / head_dim",
+    "num_key_value_heads": f"{QKV.replace(LAYER, '0')} rows",
+    "head_dim": f"{Q_NORM.replace(LAYER, '0')} length",
+    "intermediate_size": f"{FC1.replace(LAYER, '0')} rows / 2",
+    "tie_word_embeddings": f"absence of {OUTPUT_LAYER}",
+}
+"""Which tensor each size is read from, for messages about disagreeing values."""
 
 
-def _need(shapes: Shapes, name: str) -> tuple[int, ...]:
+def need(shapes: Shapes, name: str) -> tuple[int, ...]:
     shape = shapes.get(name)
     if shape is None:
         raise ModelError(f"parameter {name!r} is missing; a Qwen3 checkpoint must have it")
     return shape
 
 
-def _first_layer_key(layers: dict[int, dict[str, str]], suffix: str) -> str:
+def first_in_layers(layers: Mapping[int, Mapping[str, str]], pattern: str) -> str:
     for keys in layers.values():
-        if suffix in keys:
-            return keys[suffix]
-    raise ModelError(f"no layer has a '{suffix}' parameter; is this a Qwen3 checkpoint?")
+        if pattern in keys:
+            return keys[pattern]
+    raise ModelError(f"no layer has a '{pattern}' parameter; is this a Qwen3 checkpoint?")
 
 
 def infer_dims(shapes: Shapes) -> Dims:
-    vocab, hidden = _need(shapes, EMBEDDING)
+    vocab, hidden = need(shapes, EMBEDDING)
     layers = layer_keys(shapes)
     if not layers:
         raise ModelError("no 'decoder.layers.<i>.*' parameters found")
@@ -99,15 +144,15 @@ def infer_dims(shapes: Shapes) -> Dims:
             f"decoder layers {list(layers)} are not numbered 0..{len(layers) - 1}; "
             "a pipeline stage's rank files are missing?"
         )
-    qkv = _first_layer_key(layers, QKV)
-    (head_dim,) = shapes[_first_layer_key(layers, Q_NORM)]
-    o_proj = shapes[_first_layer_key(layers, O_PROJ)]
-    if o_proj[1] % head_dim:
+    qkv = first_in_layers(layers, QKV)
+    (head_dim,) = shapes[first_in_layers(layers, Q_NORM)]
+    o_proj = first_in_layers(layers, O_PROJ)
+    if shapes[o_proj][1] % head_dim:
         raise ModelError(
-            f"{_first_layer_key(layers, O_PROJ)} has {o_proj[1]} columns, not a multiple of "
-            f"head_dim {head_dim} (the q_layernorm length)"
+            f"{o_proj} has {shapes[o_proj][1]} columns, not a multiple of head_dim {head_dim} "
+            "(the q_layernorm length)"
         )
-    heads = o_proj[1] // head_dim
+    heads = shapes[o_proj][1] // head_dim
     qkv_rows = shapes[qkv][0]
     groups2 = qkv_rows // head_dim - heads
     if qkv_rows % head_dim or groups2 <= 0 or groups2 % 2 or heads % (groups2 // 2):
@@ -115,20 +160,20 @@ def infer_dims(shapes: Shapes) -> Dims:
             f"{qkv} has {qkv_rows} rows, which is not (heads + 2 * groups) * head_dim for "
             f"{heads} heads of head_dim {head_dim}"
         )
-    dims = Dims(
+    return Dims(
         hidden_size=hidden,
         vocab_size=vocab,
         num_hidden_layers=len(layers),
         num_attention_heads=heads,
         num_key_value_heads=groups2 // 2,
         head_dim=head_dim,
-        intermediate_size=_intermediate_size(shapes, layers),
+        intermediate_size=intermediate_size(shapes, layers),
         tie_word_embeddings=OUTPUT_LAYER not in shapes,
     )
-    return dims
 
 
-def _intermediate_size(shapes: Shapes, layers: dict[int, dict[str, str]]) -> int | None:
+def intermediate_size(shapes: Shapes, layers: Mapping[int, Mapping[str, str]]) -> int | None:
+    """The dense MLP's size from the first layer that has one."""
     for keys in layers.values():
         if FC1 in keys:
             rows = shapes[keys[FC1]][0]
@@ -138,129 +183,100 @@ def _intermediate_size(shapes: Shapes, layers: dict[int, dict[str, str]]) -> int
     return None
 
 
-# Which tensor each size is read from, for messages about disagreeing flags.
-DIM_SOURCES = {
-    "hidden_size": f"{EMBEDDING} columns",
-    "vocab_size": f"{EMBEDDING} rows",
-    "num_hidden_layers": "the count of decoder.layers.<i>",
-    "num_attention_heads": f"decoder.layers.0.{O_PROJ} columns / head_dim",
-    "num_key_value_heads": f"decoder.layers.0.{QKV} rows",
-    "head_dim": f"decoder.layers.0.{Q_NORM} length",
-    "intermediate_size": f"decoder.layers.0.{FC1} rows / 2",
-    "tie_word_embeddings": f"absence of {OUTPUT_LAYER}",
-}
-
-
-def check_given(dims: object, given: Mapping[str, tuple[Any, str]], sources: Mapping[str, str]) -> None:
-    """Fail on the first given value (a flag or a yaml entry) that the shapes contradict."""
-    for name, (value, origin) in given.items():
+def size_problems(dims: object, given: Given, sources: Mapping[str, str]) -> list[str]:
+    """Every given value (a flag or a file entry) that the shapes contradict."""
+    problems = []
+    for name, g in given.items():
         actual = getattr(dims, name, None)
         if actual is None:  # a size the weights cannot tell: nothing to check against
             continue
-        if isinstance(actual, bool):
-            ok = bool(value) == actual
-        else:
-            ok = value == actual
+        ok = bool(g.value) == actual if isinstance(actual, bool) else g.value == actual
         if not ok:
-            raise ModelError(
-                f"{origin} = {value!r} disagrees with the checkpoint: {sources.get(name, name)} "
-                f"gives {name} = {actual!r}"
+            problems.append(
+                f"{g.origin} = {g.value!r} disagrees with the checkpoint: "
+                f"{sources.get(name, name)} gives {name} = {actual!r}"
             )
+    return problems
 
 
-def attention_outputs(
-    i: int, keys: Mapping[str, str], shapes: Shapes, dims: Dims, layout: WeightLayout
-) -> list[OutputTensor]:
-    p = f"model.layers.{i}."
-    qkv = keys[QKV]
-    d, nh, ng = dims.head_dim, dims.num_attention_heads, dims.num_key_value_heads
-    shape = shapes[qkv]
-    if layout.contiguous_qkv:
-        q_runs, k_runs, v_runs = [(0, nh * d)], [(nh * d, ng * d)], [(nh * d + ng * d, ng * d)]
-    else:
-        r = nh // ng
-        group = (r + 2) * d
-        q_runs = [(g * group, r * d) for g in range(ng)]
-        k_runs = [(g * group + r * d, d) for g in range(ng)]
-        v_runs = [(g * group + r * d + d, d) for g in range(ng)]
-    out = [
-        row_runs(p + "self_attn.q_proj.weight", qkv, shape, q_runs),
-        row_runs(p + "self_attn.k_proj.weight", qkv, shape, k_runs),
-        row_runs(p + "self_attn.v_proj.weight", qkv, shape, v_runs),
+def check_given(dims: Dims, given: Given) -> list[str]:
+    return size_problems(dims, given, DIM_SOURCES)
+
+
+def attention_network(d: Any, i: int) -> list[NetworkParam]:
+    """A layer's norms and attention, in the network's order (its MLP follows them)."""
+    h, hd = d.hidden_size, d.head_dim
+    p = [
+        (INPUT_NORM, (h,), Role.NORM),
+        (O_PROJ, (h, d.num_attention_heads * hd), Role.ROW),
+        (QKV, ((d.num_attention_heads + 2 * d.num_key_value_heads) * hd, h), Role.COLUMN),
+        (Q_NORM, (hd,), Role.NORM),
+        (K_NORM, (hd,), Role.NORM),
+        (MLP_NORM, (h,), Role.NORM),
     ]
-    out += [copy(p + hf, keys[ms], shapes[keys[ms]]) for ms, hf in ATTENTION_COPIES.items()]
+    return [NetworkParam(name.replace(LAYER, str(i)), shape, role) for name, shape, role in p]
+
+
+def dense_mlp_network(d: Any, i: int) -> list[NetworkParam]:
+    f, h = d.intermediate_size, d.hidden_size
+    return [
+        NetworkParam(FC1.replace(LAYER, str(i)), (2 * f, h), Role.COLUMN),
+        NetworkParam(FC2.replace(LAYER, str(i)), (h, f), Role.ROW),
+    ]
+
+
+def network_around(d: Any, mlp: Sequence[list[NetworkParam]]) -> list[NetworkParam]:
+    """Embedding, every layer (attention, then ``mlp[i]``), final norm and output layer."""
+    out = [NetworkParam(EMBEDDING, (d.vocab_size, d.hidden_size), Role.EMBEDDING)]
+    for i in range(d.num_hidden_layers):
+        out += attention_network(d, i) + mlp[i]
+    out.append(NetworkParam(FINAL_NORM, (d.hidden_size,), Role.NORM))
+    if not d.tie_word_embeddings:
+        out.append(NetworkParam(OUTPUT_LAYER, (d.vocab_size, d.hidden_size), Role.COLUMN))
     return out
 
 
-def dense_mlp_outputs(i: int, keys: Mapping[str, str], shapes: Shapes, layout: WeightLayout) -> list[OutputTensor]:
-    require(i, keys, [FC1, *DENSE_MLP_COPIES])
-    p = f"model.layers.{i}."
-    fc1 = keys[FC1]
-    shape = shapes[fc1]
-    f = shape[0] // 2
-    if layout.interleaved_fc1:
-        gate = row_runs(p + "mlp.gate_proj.weight", fc1, shape, [(0, f)], step=2)
-        up = row_runs(p + "mlp.up_proj.weight", fc1, shape, [(1, f)], step=2)
-    else:
-        gate = row_runs(p + "mlp.gate_proj.weight", fc1, shape, [(0, f)])
-        up = row_runs(p + "mlp.up_proj.weight", fc1, shape, [(f, f)])
-    down = [copy(p + hf, keys[ms], shapes[keys[ms]]) for ms, hf in DENSE_MLP_COPIES.items()]
-    return [gate, up, *down]
+def network(d: Dims) -> list[NetworkParam]:
+    return network_around(d, [dense_mlp_network(d, i) for i in range(d.num_hidden_layers)])
 
 
-def norm_outputs(i: int, keys: Mapping[str, str], shapes: Shapes) -> list[OutputTensor]:
-    p = f"model.layers.{i}."
-    return [copy(p + hf, keys[ms], shapes[keys[ms]]) for ms, hf in NORM_COPIES.items()]
+def config_int(config: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ModelError(f"config.json: {key} is {value!r}, expected a non-negative integer")
+    return value
 
 
-def require(i: int, keys: Mapping[str, str], suffixes: list[str]) -> None:
-    missing = [s for s in suffixes if s not in keys]
-    if missing:
-        raise ModelError(
-            f"layer {i} lacks {', '.join(f'decoder.layers.{i}.{s}' for s in missing)}"
-        )
+def dims_from_config(config: Mapping[str, Any]) -> Dims:
+    heads = config_int(config, "num_attention_heads")
+    hidden = config_int(config, "hidden_size")
+    return Dims(
+        hidden_size=hidden,
+        vocab_size=config_int(config, "vocab_size"),
+        num_hidden_layers=config_int(config, "num_hidden_layers"),
+        num_attention_heads=heads,
+        num_key_value_heads=config_int(config, "num_key_value_heads", heads),
+        head_dim=config_int(config, "head_dim", hidden // heads if heads else None),
+        intermediate_size=config_int(config, "intermediate_size"),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+    )
 
 
-def check_unexpected(shapes: Shapes, used: set[str], skipped: frozenset[str]) -> None:
-    unexpected = sorted(set(shapes) - used - skipped)
-    if unexpected:
-        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-        raise ModelError(
-            f"unexpected parameters for this model: {shown}. Qwen3 has no biases and no other "
-            "weights; ms2hf will not drop them silently"
-        )
+def is_qwen3(shapes: Shapes) -> bool:
+    """Any MCore decoder with a word embedding; Qwen3-MoE is tried before it."""
+    return EMBEDDING in shapes
 
 
-def global_outputs_head(shapes: Shapes) -> list[OutputTensor]:
-    return [copy("model.embed_tokens.weight", EMBEDDING, shapes[EMBEDDING])]
-
-
-def global_outputs_tail(shapes: Shapes, dims: Dims) -> list[OutputTensor]:
-    out = [copy("model.norm.weight", FINAL_NORM, _need(shapes, FINAL_NORM))]
-    head = EMBEDDING if dims.tie_word_embeddings else OUTPUT_LAYER
-    out.append(copy("lm_head.weight", head, shapes[head]))
-    return out
-
-
-MlpRule = Callable[[int, Mapping[str, str], Shapes, WeightLayout], list[OutputTensor]]
-"""A layer's MLP tensors from its keys; the one part of a layer that differs between models."""
-
-
-def output_tensors(
-    shapes: Shapes,
-    dims: Dims,
-    layout: WeightLayout,
-    mlp_outputs: MlpRule = dense_mlp_outputs,
-    skipped: frozenset[str] = frozenset(),
-) -> list[OutputTensor]:
-    """Every Hugging Face tensor, in Hugging Face's module order; any parameter that is neither
-    used nor in ``skipped`` is an error."""
-    out = global_outputs_head(shapes)
-    for i, keys in layer_keys(shapes).items():
-        require(i, keys, [QKV, *ATTENTION_COPIES, *NORM_COPIES])
-        out += attention_outputs(i, keys, shapes, dims, layout)
-        out += mlp_outputs(i, keys, shapes, layout)
-        out += norm_outputs(i, keys, shapes)
-    out += global_outputs_tail(shapes, dims)
-    check_unexpected(shapes, {t.source for t in out}, skipped)
-    return out
+FAMILY = ModelFamily(
+    name="qwen3",
+    model_type="qwen3",
+    architecture="Qwen3ForCausalLM",
+    dims_type=Dims,
+    matches=is_qwen3,
+    infer_dims=infer_dims,
+    check_given=check_given,
+    defaults=DEFAULTS,
+    table=TABLE,
+    network=network,
+    dims_from_config=dims_from_config,
+)

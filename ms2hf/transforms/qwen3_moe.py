@@ -1,4 +1,4 @@
-"""Qwen3-MoE: the dense Qwen3 rules plus router and grouped experts (SPEC section 5).
+"""Qwen3-MoE: the dense Qwen3 family plus router and grouped experts (``docs/qwen3-moe.md``).
 
 Attention, norms, embedding and head are the dense model's; only a layer's MLP differs. A layer
 has experts when its keys say so (router, ``experts.weight1``/``weight2``), otherwise it is a dense
@@ -20,18 +20,61 @@ from dataclasses import dataclass
 from typing import Any
 
 from ms2hf.errors import ModelError
+from ms2hf.io.config_files import Given
 from ms2hf.transforms import qwen3
-from ms2hf.transforms.pieces import OutputTensor, copy, transposed_window
+from ms2hf.transforms.family import ModelFamily, NetworkParam, Role
+from ms2hf.transforms.mappings import (
+    EXPERT,
+    LAYER,
+    GroupedExperts,
+    Rename,
+    Row,
+    Skip,
+    Table,
+    layer_keys,
+)
 
 Shapes = qwen3.Shapes
 
-ROUTER = "mlp.router.weight"
-W1 = "mlp.experts.weight1"
-W2 = "mlp.experts.weight2"
+ROUTER = qwen3.LAYER_PREFIX + "mlp.router.weight"
+W1 = qwen3.LAYER_PREFIX + "mlp.experts.weight1"
+W2 = qwen3.LAYER_PREFIX + "mlp.experts.weight2"
 EXPERT_KEYS = (ROUTER, W1, W2)
-FI_ACCU = "mlp.router.fi_accu"
-"""Per-expert token counts accumulated for load balancing during training: not a weight."""
+FI_ACCU = qwen3.LAYER_PREFIX + "mlp.router.fi_accu"
+FI_ACCU_REASON = "per-expert token counts accumulated for load balancing in training, not a weight"
 SPARSITY_KEYS = ("decoder_sparse_step", "mlp_only_layers")
+EXPERTS = "experts"
+HF_EXPERT = f"{qwen3.HF_LAYER}mlp.experts.{EXPERT}."
+
+MOE_MLP_ROWS: tuple[Row, ...] = (
+    Rename(ROUTER, qwen3.HF_LAYER + "mlp.gate.weight", EXPERTS),
+    GroupedExperts(W1, (HF_EXPERT + "gate_proj.weight", HF_EXPERT + "up_proj.weight"), EXPERTS),
+    GroupedExperts(W2, (HF_EXPERT + "down_proj.weight",), EXPERTS),
+    Skip(FI_ACCU, FI_ACCU_REASON, EXPERTS),
+)
+TABLE = Table(
+    qwen3.HEAD_ROWS
+    + qwen3.ATTENTION_ROWS
+    + qwen3.DENSE_MLP_ROWS
+    + MOE_MLP_ROWS
+    + qwen3.NORM_ROWS
+    + qwen3.TAIL_ROWS,
+    layer_groups=(qwen3.ATTENTION, qwen3.NORMS),
+    mlp_groups=(qwen3.DENSE_MLP, EXPERTS),
+)
+
+DEFAULTS: dict[str, Any] = {
+    **qwen3.DEFAULTS,
+    "intermediate_size": 6144,
+    "norm_topk_prob": True,
+    "num_experts_per_tok": 8,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+}
+"""From the published Qwen3-MoE configs (Qwen3-30B-A3B; 235B-A22B differs only in sizes). Routing
+is not in the weights: top-k and its normalisation come from the training yaml or these.
+``intermediate_size`` sizes only dense layers (``mlp_only_layers``); with none, no weight has it
+and no loader uses it, so unless the yaml gives it, it is 30B-A3B's."""
 
 
 @dataclass(frozen=True)
@@ -58,13 +101,17 @@ def is_moe_layer(keys: Mapping[str, str]) -> bool:
 
 def has_experts(shapes: Shapes) -> bool:
     """Whether any layer of the checkpoint is a MoE layer: how Qwen3-MoE is recognised."""
-    return any(is_moe_layer(keys) for keys in qwen3.layer_keys(shapes).values())
+    return qwen3.EMBEDDING in shapes and any(
+        is_moe_layer(keys) for keys in layer_keys(shapes).values()
+    )
 
 
 def expert_sizes(i: int, keys: Mapping[str, str], shapes: Shapes) -> tuple[int, int, int]:
-    """``(experts, hidden, expert ffn)`` of MoE layer ``i``, with its three tensors checked
-    against each other."""
-    qwen3.require(i, keys, list(EXPERT_KEYS))
+    """``(experts, hidden, expert ffn)`` of MoE layer ``i``, its three tensors checked against
+    each other."""
+    missing = [k.replace(LAYER, str(i)) for k in EXPERT_KEYS if k not in keys]
+    if missing:
+        raise ModelError(f"layer {i} lacks {', '.join(missing)}")
     router, w1, w2 = (keys[k] for k in EXPERT_KEYS)
     if len(shapes[router]) != 2 or len(shapes[w1]) != 2 or len(shapes[w2]) != 2:
         raise ModelError(
@@ -88,31 +135,10 @@ def expert_sizes(i: int, keys: Mapping[str, str], shapes: Shapes) -> tuple[int, 
     return experts, hidden, ffn
 
 
-def expert_outputs(
-    prefix: str, w1: str, w2: str, e: int, hidden: int, ffn: int
-) -> list[OutputTensor]:
-    """Expert ``e``: ``gate[j, h] = w1[e*H + h, j]``, ``up[j, h] = w1[e*H + h, Fm + j]``,
-    ``down[h, f] = w2[e*Fm + f, h]`` (gate and up are contiguous halves, never interleaved)."""
-    rows1 = (e * hidden, (e + 1) * hidden)
-    return [
-        transposed_window(f"{prefix}gate_proj.weight", w1, rows1, (0, ffn)),
-        transposed_window(f"{prefix}up_proj.weight", w1, rows1, (ffn, 2 * ffn)),
-        transposed_window(f"{prefix}down_proj.weight", w2, (e * ffn, (e + 1) * ffn), (0, hidden)),
-    ]
-
-
-def mlp_outputs(
-    i: int, keys: Mapping[str, str], shapes: Shapes, layout: qwen3.WeightLayout
-) -> list[OutputTensor]:
-    """Layer ``i``'s MLP: router and experts when the layer has them, else the dense MLP."""
-    if not is_moe_layer(keys):
-        return qwen3.dense_mlp_outputs(i, keys, shapes, layout)
-    experts, hidden, ffn = expert_sizes(i, keys, shapes)
-    p = f"model.layers.{i}.mlp."
-    out = [copy(p + "gate.weight", keys[ROUTER], shapes[keys[ROUTER]])]
-    for e in range(experts):
-        out += expert_outputs(f"{p}experts.{e}.", keys[W1], keys[W2], e, hidden, ffn)
-    return out
+def dense_layers(step: int, mlp_only: tuple[int, ...], num_layers: int) -> frozenset[int]:
+    """Hugging Face's rule: layer i has experts iff it is not in ``mlp_only_layers`` and
+    ``(i + 1) % decoder_sparse_step == 0``."""
+    return frozenset(i for i in range(num_layers) if i in mlp_only or (i + 1) % step)
 
 
 def sparse_layout(dense: frozenset[int], num_layers: int) -> tuple[int, tuple[int, ...]]:
@@ -125,20 +151,10 @@ def sparse_layout(dense: frozenset[int], num_layers: int) -> tuple[int, tuple[in
     return 1, tuple(sorted(dense))
 
 
-def dense_layers(step: int, mlp_only: tuple[int, ...], num_layers: int) -> frozenset[int]:
-    """Hugging Face's rule: layer i has experts iff it is not in ``mlp_only_layers`` and
-    ``(i + 1) % decoder_sparse_step == 0``."""
-    return frozenset(i for i in range(num_layers) if i in mlp_only or (i + 1) % step)
-
-
 def infer_dims(shapes: Shapes) -> MoeDims:
     base = qwen3.infer_dims(shapes)
-    layers = qwen3.layer_keys(shapes)
-    sizes: dict[int, tuple[int, int, int]] = {
-        i: expert_sizes(i, keys, shapes) for i, keys in layers.items() if is_moe_layer(keys)
-    }
-    if not sizes:
-        raise ModelError("no layer has experts (mlp.router.weight, mlp.experts.weight1/2)")
+    layers = layer_keys(shapes)
+    sizes = {i: expert_sizes(i, keys, shapes) for i, keys in layers.items() if is_moe_layer(keys)}
     first = min(sizes)
     for i, s in sizes.items():
         if s[0] != sizes[first][0] or s[2] != sizes[first][2]:
@@ -148,7 +164,7 @@ def infer_dims(shapes: Shapes) -> MoeDims:
             )
         if s[1] != base.hidden_size:
             raise ModelError(
-                f"decoder.layers.{i}.{ROUTER} has {s[1]} columns, but the hidden size is "
+                f"{ROUTER.replace(LAYER, str(i))} has {s[1]} columns, but the hidden size is "
                 f"{base.hidden_size} ({qwen3.EMBEDDING} columns)"
             )
     step, mlp_only = sparse_layout(frozenset(layers) - frozenset(sizes), len(layers))
@@ -161,50 +177,98 @@ def infer_dims(shapes: Shapes) -> MoeDims:
     )
 
 
-def _check_sparsity(dims: MoeDims, given: Mapping[str, tuple[Any, str]]) -> None:
+def _sparsity_problems(dims: MoeDims, given: Given) -> list[str]:
     """Given ``decoder_sparse_step`` / ``mlp_only_layers`` must make the same layers dense as the
     checkpoint has; they are compared by meaning, since several pairs say the same thing."""
     named = {k: given[k] for k in SPARSITY_KEYS if k in given}
     if not named:
-        return
-    origins = " and ".join(f"{origin} = {value!r}" for value, origin in named.values())
-    step = named.get("decoder_sparse_step", (1, ""))[0]
-    only = named.get("mlp_only_layers", ((), ""))[0] or ()  # null means none, as in transformers
+        return []
+    origins = " and ".join(f"{g.origin} = {g.value!r}" for g in named.values())
+    step = named["decoder_sparse_step"].value if "decoder_sparse_step" in named else 1
+    only = named["mlp_only_layers"].value if "mlp_only_layers" in named else ()
+    only = only or ()  # null means none, as in transformers
     if (
         not isinstance(step, int)
         or step < 1
         or not isinstance(only, (list, tuple))
         or not all(isinstance(i, int) for i in only)
     ):
-        raise ModelError(f"{origins}: expected a positive step and a list of layer numbers")
+        return [f"{origins}: expected a positive step and a list of layer numbers"]
     n = dims.num_hidden_layers
     claimed = dense_layers(step, tuple(only), n)
     actual = dense_layers(dims.decoder_sparse_step, dims.mlp_only_layers, n)
     if claimed != actual:
-        raise ModelError(
+        return [
             f"{origins} make layers {sorted(claimed)} dense, but the checkpoint has dense MLPs "
             f"({qwen3.FC1}) in layers {sorted(actual)} and experts in the others"
-        )
+        ]
+    return []
 
 
-def check_given(dims: MoeDims, given: Mapping[str, tuple[Any, str]]) -> None:
+def check_given(dims: MoeDims, given: Given) -> list[str]:
     """Sizes as for dense Qwen3, the dense/MoE layer pattern by meaning, and top-k against the
     expert count (the one routing value the weights bound but cannot tell)."""
-    _check_sparsity(dims, given)
-    qwen3.check_given(dims, {k: v for k, v in given.items() if k not in SPARSITY_KEYS}, DIM_SOURCES)
-    if "num_experts_per_tok" in given:
-        top_k, origin = given["num_experts_per_tok"]
-        if not isinstance(top_k, int) or not 1 <= top_k <= dims.num_experts:
-            raise ModelError(
-                f"{origin} = {top_k!r}: the router has {dims.num_experts} experts "
-                f"({DIM_SOURCES['num_experts']}), so num_experts_per_tok must be "
-                f"1..{dims.num_experts}"
-            )
+    problems = _sparsity_problems(dims, given)
+    sizes = {k: v for k, v in given.items() if k not in SPARSITY_KEYS}
+    problems += qwen3.size_problems(dims, sizes, DIM_SOURCES)
+    top_k = given.get("num_experts_per_tok")
+    if top_k is not None and (
+        not isinstance(top_k.value, int) or not 1 <= top_k.value <= dims.num_experts
+    ):
+        problems.append(
+            f"{top_k.origin} = {top_k.value!r}: the router has {dims.num_experts} experts "
+            f"({DIM_SOURCES['num_experts']}), so num_experts_per_tok must be 1..{dims.num_experts}"
+        )
+    return problems
 
 
-def output_tensors(shapes: Shapes, dims: MoeDims, layout: qwen3.WeightLayout) -> list[OutputTensor]:
-    """Every Hugging Face tensor of a Qwen3-MoE; the routers' ``fi_accu`` statistics are skipped."""
-    skipped = frozenset(
-        keys[FI_ACCU] for keys in qwen3.layer_keys(shapes).values() if FI_ACCU in keys
+def moe_mlp_network(d: MoeDims, i: int) -> list[NetworkParam]:
+    """A MoE layer's MLP in the network's order: router, its statistic, the grouped experts."""
+    e, h, f = d.num_experts, d.hidden_size, d.moe_intermediate_size
+    params = [
+        (ROUTER, (e, h), Role.ROUTER, None),
+        (FI_ACCU, (e,), Role.ROUTER_STATISTIC, "F32"),
+        (W1, (e * h, 2 * f), Role.EXPERTS_IN, None),
+        (W2, (e * f, h), Role.EXPERTS_OUT, None),
+    ]
+    return [NetworkParam(n.replace(LAYER, str(i)), s, r, dt) for n, s, r, dt in params]
+
+
+def network(d: MoeDims) -> list[NetworkParam]:
+    dense = dense_layers(d.decoder_sparse_step, d.mlp_only_layers, d.num_hidden_layers)
+    mlps = [
+        qwen3.dense_mlp_network(d, i) if i in dense else moe_mlp_network(d, i)
+        for i in range(d.num_hidden_layers)
+    ]
+    return qwen3.network_around(d, mlps)
+
+
+def dims_from_config(config: Mapping[str, Any]) -> MoeDims:
+    step = qwen3.config_int(config, "decoder_sparse_step", 1)
+    only = config.get("mlp_only_layers") or []
+    if step == 0 or not isinstance(only, list):
+        raise ModelError("config.json: decoder_sparse_step must be positive, mlp_only_layers a list")
+    base = qwen3.dims_from_config({"intermediate_size": 0, **config})
+    return MoeDims(
+        **dataclasses.asdict(base),
+        num_experts=qwen3.config_int(config, "num_experts"),
+        moe_intermediate_size=qwen3.config_int(config, "moe_intermediate_size"),
+        decoder_sparse_step=step,
+        mlp_only_layers=tuple(only),
     )
-    return qwen3.output_tensors(shapes, dims, layout, mlp_outputs, skipped)
+
+
+FAMILY = ModelFamily(
+    name="qwen3-moe",
+    model_type="qwen3_moe",
+    architecture="Qwen3MoeForCausalLM",
+    dims_type=MoeDims,
+    matches=has_experts,
+    infer_dims=infer_dims,
+    check_given=check_given,
+    defaults=DEFAULTS,
+    table=TABLE,
+    network=network,
+    dims_from_config=dims_from_config,
+    aliases=("qwen3_moe",),
+)

@@ -1,0 +1,175 @@
+"""The configuration files a user gives, read as values that remember where they came from.
+
+Two files describe what the weights cannot tell: the MindSpore Transformers training yaml
+(``model.model_config``) and a Hugging Face ``config.json`` of the original model (a "reference
+config"). Both are read into ``{config.json name: ConfigValue}``: every alias folded to the Hugging
+Face name, every value carrying its origin (``"train.yaml: model.model_config.num_layers"``) so
+that a run can say where each config.json entry came from, and a disagreement can name both
+sides. Flags given on the command line become ``ConfigValue`` too (origin: the flag).
+
+transformers 5 saves rope settings only inside ``rope_parameters`` while older releases save
+``rope_theta`` and ``rope_scaling``; both spellings are folded into the old names here, and the
+config writer derives ``rope_parameters`` from them again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ms2hf.errors import FormatError
+
+
+@dataclass(frozen=True)
+class ConfigValue:
+    """A configuration value and where it came from: a file and key, a flag, the weights, a
+    default."""
+
+    value: Any
+    origin: str
+
+
+Given = dict[str, ConfigValue]
+"""Values given by the user's files and flags, under config.json names."""
+
+
+ALIASES: dict[str, str] = {
+    "num_layers": "num_hidden_layers",
+    "num_hidden_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "vocab_size": "vocab_size",
+    "num_heads": "num_attention_heads",
+    "num_attention_heads": "num_attention_heads",
+    "num_query_groups": "num_key_value_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "kv_channels": "head_dim",
+    "head_dim": "head_dim",
+    "ffn_hidden_size": "intermediate_size",
+    "intermediate_size": "intermediate_size",
+    "layernorm_epsilon": "rms_norm_eps",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+    "max_position_embeddings": "max_position_embeddings",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "untie_embeddings_and_output_weights": "untie_embeddings_and_output_weights",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+    "use_contiguous_weight_layout_attention": "use_contiguous_weight_layout_attention",
+    "use_interleaved_weight_layout_mlp": "use_interleaved_weight_layout_mlp",
+    "num_experts": "num_experts",
+    "num_routed_experts": "num_experts",
+    "num_moe_experts": "num_experts",
+    "moe_intermediate_size": "moe_intermediate_size",
+    "moe_ffn_hidden_size": "moe_intermediate_size",
+    "num_experts_per_tok": "num_experts_per_tok",
+    "moe_router_topk": "num_experts_per_tok",
+    "norm_topk_prob": "norm_topk_prob",
+    "decoder_sparse_step": "decoder_sparse_step",
+    "mlp_only_layers": "mlp_only_layers",
+}
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``1e-6`` as a string, and yamls write epsilons that way."""
+    return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.match(value) else value
+
+
+def read_train_config(path: str | Path) -> Given:
+    """The settings of ``model.model_config`` in the yaml, under config.json names."""
+    import yaml  # here, not above: only runs given a yaml pay for PyYAML's import (~25 ms)
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read the training yaml: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise FormatError(f"{path}: not valid YAML: {e}") from e
+    model = doc.get("model") if isinstance(doc, dict) else None
+    section = model.get("model_config") if isinstance(model, dict) else None
+    if not isinstance(section, dict):
+        raise FormatError(f"{path}: no 'model: model_config:' section")
+    out: Given = {}
+    for key, value in section.items():
+        name = ALIASES.get(key)
+        if name is None or value is None:
+            continue
+        value = _number(value)
+        origin = f"{path.name}: model.model_config.{key}"
+        if name in out and out[name].value != value:
+            raise FormatError(
+                f"{path}: {out[name].origin} = {out[name].value!r} and {origin} = {value!r} disagree"
+            )
+        out[name] = ConfigValue(value, origin)
+    untie = out.pop("untie_embeddings_and_output_weights", None)
+    if untie is not None and "tie_word_embeddings" not in out:
+        out["tie_word_embeddings"] = ConfigValue(not untie.value, untie.origin)
+    return out
+
+
+NOT_TAKEN = frozenset(
+    {"architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "auto_map"}
+)
+"""Entries the run decides itself (class from the weights, dtype from ``--dtype``)."""
+ROPE_PARAMETERS = "rope_parameters"
+REFERENCE_ALIASES = {"num_local_experts": "num_experts"}
+"""transformers 5 saves Qwen3-MoE's expert count under another name; it is checked all the same."""
+
+
+def read_reference_config(path: str | Path) -> Given:
+    """Every entry of a Hugging Face ``config.json``, under the names ms2hf uses."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read the reference config: {e.strerror or e}") from e
+    except ValueError as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise FormatError(f"{path}: expected a JSON object (a Hugging Face config.json)")
+    origin = f"reference {path.name}"
+    out = {
+        REFERENCE_ALIASES.get(key, key): ConfigValue(value, f"{origin}: {key}")
+        for key, value in doc.items()
+        if key not in NOT_TAKEN and key != ROPE_PARAMETERS
+    }
+    out.update(_rope_entries(doc, out, path, origin))
+    return out
+
+
+def _rope_entries(
+    doc: dict[str, Any], flat: Given, path: Path, origin: str
+) -> Given:
+    """``rope_theta`` and ``rope_scaling`` read out of ``rope_parameters``, when it is there."""
+    rope = doc.get(ROPE_PARAMETERS)
+    if rope is None:
+        return {}
+    if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+        raise FormatError(
+            f"{path}: {ROPE_PARAMETERS} must be one flat object such as "
+            '{"rope_type": "default", "rope_theta": 1000000.0}; per-layer-type rope settings are '
+            "not used by Qwen3"
+        )
+    out: Given = {}
+    theta = rope.get("rope_theta")
+    if theta is not None:
+        if "rope_theta" in flat and flat["rope_theta"].value != theta:
+            raise FormatError(
+                f"{path}: rope_theta = {flat['rope_theta'].value!r} and "
+                f"{ROPE_PARAMETERS}.rope_theta = {theta!r} disagree"
+            )
+        out["rope_theta"] = ConfigValue(theta, f"{origin}: {ROPE_PARAMETERS}.rope_theta")
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default" and not doc.get(
+        "rope_scaling"
+    ):
+        out["rope_scaling"] = ConfigValue(scaling, f"{origin}: {ROPE_PARAMETERS}")
+    return out

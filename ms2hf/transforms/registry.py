@@ -1,0 +1,128 @@
+"""The registry of model families, and what is decided from it: which family a checkpoint is,
+its Hugging Face tensors and config, and what tensors a config.json implies.
+
+The command line, ``inspect``, ``reverse`` and the demo read ``FAMILIES``; adding a model is one
+new module defining a ``ModelFamily`` and one entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ms2hf.errors import ModelError
+from ms2hf.io.config_files import ConfigValue, Given
+from ms2hf.transforms import qwen3, qwen3_moe
+from ms2hf.transforms.family import ModelFamily
+from ms2hf.transforms.hf_config import build_config
+from ms2hf.transforms.mappings import Context, Planned, TiedHead, WeightLayout, layer_keys
+from ms2hf.transforms.pieces import OutputTensor
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+FAMILIES: tuple[ModelFamily, ...] = (qwen3_moe.FAMILY, qwen3.FAMILY)
+"""In detection order: the most specific first."""
+
+
+def by_name(name: str) -> ModelFamily:
+    """The family a user named (its name, ``model_type`` or an alias, any case)."""
+    wanted = name.lower()
+    for family in FAMILIES:
+        if wanted in (family.name, family.model_type, *family.aliases):
+            return family
+    raise ModelError(
+        f"{name!r} is not supported; ms2hf converts {', '.join(f.name for f in FAMILIES)}"
+    )
+
+
+def by_model_type(model_type: str) -> ModelFamily:
+    for family in FAMILIES:
+        if family.model_type == model_type:
+            return family
+    raise ModelError(
+        f"config.json: model_type {model_type!r} has no shape rules (known: "
+        f"{', '.join(f.model_type for f in FAMILIES)})"
+    )
+
+
+def detect(shapes: Shapes) -> ModelFamily:
+    """The family whose parameters these are."""
+    for family in FAMILIES:
+        if family.matches(shapes):
+            return family
+    raise ModelError(
+        "the parameters are no model ms2hf knows (no 'embedding.word_embeddings.weight'); "
+        "is this a Qwen3 training checkpoint?"
+    )
+
+
+def weight_layout(given: Mapping[str, ConfigValue]) -> WeightLayout:
+    """The fused-weight layout flags of the training yaml, defaults where absent."""
+    defaults = WeightLayout()
+    contiguous = given.get("use_contiguous_weight_layout_attention")
+    interleaved = given.get("use_interleaved_weight_layout_mlp")
+    return WeightLayout(
+        contiguous_qkv=bool(contiguous.value) if contiguous else defaults.contiguous_qkv,
+        interleaved_fc1=bool(interleaved.value) if interleaved else defaults.interleaved_fc1,
+    )
+
+
+@dataclass(frozen=True)
+class HfModel:
+    """A checkpoint's Hugging Face form: its family, sizes, tensors and config.json."""
+
+    family: ModelFamily
+    dims: Any
+    outputs: tuple[OutputTensor, ...]
+    skipped: Mapping[str, str]
+    config: dict[str, ConfigValue]
+
+    @property
+    def model_type(self) -> str:
+        return self.family.model_type
+
+
+def plan_outputs(family: ModelFamily, shapes: Shapes, dims: Any, layout: WeightLayout) -> Planned:
+    return family.table.apply(Context(shapes, dims, layout), layer_keys(shapes))
+
+
+def hf_model(shapes: Shapes, given: Given, out_dtype: str) -> HfModel:
+    """Plan the Hugging Face tensors and config of a checkpoint, checking ``given`` values
+    (flags, yaml and reference config entries) against the shapes; every disagreement is
+    reported at once."""
+    family = detect(shapes)
+    dims = family.infer_dims(shapes)
+    problems = family.check_given(dims, given)
+    if problems:
+        raise ModelError("; ".join(problems))
+    planned = plan_outputs(family, shapes, dims, weight_layout(given))
+    config = build_config(family, dims, out_dtype, given)
+    return HfModel(family, dims, planned.outputs, planned.skipped, config)
+
+
+@dataclass(frozen=True)
+class ExpectedTensors:
+    """The tensors a Hugging Face checkpoint of a config must hold."""
+
+    required: dict[str, tuple[int, ...]]
+    optional: dict[str, tuple[int, ...]]
+    """Tensors a checkpoint may omit (``lm_head.weight`` when the embeddings are tied)."""
+
+
+def expected_tensors(config: Mapping[str, Any]) -> ExpectedTensors:
+    """What a config.json implies: the family's network for the stated sizes, through its table.
+    The same rows that write a checkpoint decide what one must hold; a tied head is optional."""
+    model_type = config.get("model_type")
+    family = by_model_type(model_type if isinstance(model_type, str) else repr(model_type))
+    dims = family.dims_from_config(config)
+    shapes = {p.name: p.shape for p in family.network(dims)}
+    outputs = plan_outputs(family, shapes, dims, WeightLayout()).outputs
+    tied = {
+        name for row in family.table.rows if isinstance(row, TiedHead) for name in row.targets()
+    }
+    optional = tied if dims.tie_word_embeddings else set()
+    return ExpectedTensors(
+        {t.name: t.shape for t in outputs if t.name not in optional},
+        {t.name: t.shape for t in outputs if t.name in optional},
+    )
