@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.floor import floor_plan
-from ms2hf.commands.convert import ConvertOptions, plan_hf_checkpoint
+from ms2hf.commands.convert import ConvertOptions, plan_for
 from ms2hf.commands.merge import PART_SIZE, plan_unified_files
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_METADATA
@@ -54,7 +54,7 @@ def _ranges(params: Mapping[str, SourceParam]) -> list[Range]:
 
 def workload_shape(root: Path) -> Shape:
     source = plan_source(root / "checkpoint", root / "strategy")
-    _, files = plan_hf_checkpoint(source, ConvertOptions(), {})
+    files = plan_for(source, ConvertOptions(), {}).files
     hf = tuple(layout_shard([t.entry for t in f.tensors], HF_METADATA).size for f in files)
     parts, _ = plan_unified_files(source.params, source.scalars, PART_SIZE)
     unified = tuple(

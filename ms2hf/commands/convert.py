@@ -18,37 +18,29 @@ from typing import Any
 
 from ms2hf.errors import FormatError, ModelError, OutputError
 from ms2hf.io.config_files import ConfigValue, Given
-from ms2hf.io.dtypes import itemsize
 from ms2hf.io.hf_output import HF_INDEX, HF_METADATA, copy_file, index_document, write_json
-from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.sources.legacy import plan_source
 from ms2hf.io.sources.plan import SourcePlan
 from ms2hf.io.tokenizer_files import find_tokenizer_files
-from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
-from ms2hf.pipeline.engine.checks import FiniteCheck, check_replicas
-from ms2hf.pipeline.engine.execute import PlannedFile, PlannedTensor, SmallFile, write_files
-from ms2hf.pipeline.engine.memory import MemorySampler, peak_rss_bytes
-from ms2hf.pipeline.engine.output_dir import prepare_output_dir
-from ms2hf.pipeline.engine.progress import Progress
+from ms2hf.pipeline.engine.budget import format_size
+from ms2hf.pipeline.engine.execute import SmallFile
 from ms2hf.pipeline.given import given_values, origin_lines
-from ms2hf.pipeline.jsonable import jsonable
-from ms2hf.pipeline.shards import assign_shards
-from ms2hf.transforms.casts import TARGETS, output_dtype
+from ms2hf.pipeline.plan import HfPlan, plan_hf_checkpoint
+from ms2hf.pipeline.run import RunOptions, jsonable, run_plan
 from ms2hf.transforms.hf_config import config_json
-from ms2hf.transforms.registry import HfModel, hf_model
 
 log = logging.getLogger("ms2hf")
 
 
-@dataclass
-class ConvertOptions:
+@dataclass(frozen=True)
+class ConvertOptions(RunOptions):
+    """What to write (and, from ``RunOptions``, how to run)."""
+
     dtype: str = "bf16"
+    """``bf16``, ``fp16``, ``fp32``, or ``source`` (each tensor's stored dtype)."""
     max_shard_size: int = 5_000_000_000
     shard_layout: str = "size"
     """``size`` (huggingface_hub's packing) or ``per-layer`` (the old reverse tool's files)."""
-    memory_budget: int | None = None
-    """Bytes of buffers the run may hold; None for a fraction of the available memory."""
-    workers: int | None = None
     step: str | None = None
     config: Path | None = None
     """A training yaml: layout flags, sizes to check, config values the weights cannot tell."""
@@ -58,14 +50,6 @@ class ConvertOptions:
     """A folder whose tokenizer and generation files are copied into the output."""
     given: Mapping[str, ConfigValue] = field(default_factory=dict)
     """Values from flags, under config.json names (origin: the flag): checked against the shapes."""
-    overwrite: bool = False
-    progress: bool = True
-    strict: bool = False
-    """Non-finite weights are an error instead of a warning."""
-    check_replicas: bool = False
-    """Read every replica of every block and require it to match the copy converted."""
-    record_reads: bool = False
-    """Keep every byte range the conversion reads in the report, to prove what was read."""
 
 
 @dataclass
@@ -107,81 +91,47 @@ def gather_given(options: ConvertOptions) -> Given:
     return given_values(options.reference_config, options.config, options.given)
 
 
-def plan_hf_files(model: HfModel, source: SourcePlan, options: ConvertOptions) -> list[PlannedFile]:
-    planned = [
-        PlannedTensor(t, output_dtype(source.params[t.source].dtype, options.dtype))
-        for t in model.outputs
-    ]
-    names = [p.tensor.name for p in planned]
-    sizes = [p.entry.nbytes for p in planned]
-    shards = assign_shards(planned, names, sizes, options.max_shard_size, options.shard_layout)
-    return [PlannedFile(name, tuple(g)) for name, g in shards]
-
-
-def plan_hf_checkpoint(
-    source: SourcePlan, options: ConvertOptions, given: Given
-) -> tuple[HfModel, list[PlannedFile]]:
-    """The model, its config and the files a run would write, from shapes alone."""
-    shapes = {name: p.shape for name, p in source.params.items()}
-    dtype_tag = TARGETS.get(options.dtype)
-    if dtype_tag is None:
-        dtypes = {p.dtype for p in source.params.values()}
-        dtype_tag = dtypes.pop() if len(dtypes) == 1 else "F32"
-    model = hf_model(shapes, given, dtype_tag)
-    return model, plan_hf_files(model, source, options)
+def plan_for(source: SourcePlan, options: ConvertOptions, given: Given) -> HfPlan:
+    """The Hugging Face checkpoint ``options`` ask for."""
+    return plan_hf_checkpoint(
+        source, given, options.dtype, options.max_shard_size, options.shard_layout
+    )
 
 
 def write_hf_checkpoint(
     source: SourcePlan, out_dir: Path, options: ConvertOptions, given: Given
 ) -> ConvertReport:
     """The shared back half of ``convert`` and ``reverse``: model rules, shards, index, config."""
-    started = time.perf_counter()
-    model, files = plan_hf_checkpoint(source, options, given)
+    plan = plan_for(source, options, given)
+    model = plan.model
     tokenizer = find_tokenizer_files(options.tokenizer_dir) if options.tokenizer_dir else []
-    prepare_output_dir(out_dir, options.overwrite)
-    budget = MemoryBudget.resolve(options.memory_budget, options.workers)
-    total = sum(f.nbytes for f in files)
-    log.info(
-        "%s: %d tensors, %s in %d file(s); budget %s, %d worker(s)",
-        model.model_type, len(model.outputs), format_size(total), len(files),
-        format_size(budget.total), budget.workers,
-    )
+    log.info("%s: %d tensors", model.model_type, len(model.outputs))
     log.info("config.json values, by where they came from:")
     for line in origin_lines(model.config):
         log.info("%s", line)
-    weight_map = {t.tensor.name: f.name for f in files for t in f.tensors}
-    n_params = sum(t.entry.nbytes // itemsize(t.dtype) for f in files for t in f.tensors)
     config = config_json(model.config)
-    index = index_document(weight_map, total, n_params)
+    index = index_document(plan.weight_map, plan.nbytes, plan.parameters)
     then = [
         *(SmallFile(path.name, partial(copy_file, path)) for path in tokenizer),
         SmallFile("config.json", lambda path: write_json(path, config)),
         SmallFile(HF_INDEX, lambda path: write_json(path, index)),
     ]
-    with MemorySampler() as memory, MappedFiles() as mapped, Progress(
-        total, "convert", options.progress
-    ) as progress:
-        mapped.record = options.record_reads
-        write_files(
-            out_dir, files, source.params, HF_METADATA, budget, progress, mapped,
-            FiniteCheck(options.strict), then=then, overwrite=options.overwrite,
-        )
-        bytes_read = mapped.bytes_viewed
-        read_ranges = sorted(set(mapped.ranges))
-    copied = [path.name for path in tokenizer]
+    stats = run_plan(
+        source, out_dir, plan.files, source.params, HF_METADATA, then, options, "convert"
+    )
     return ConvertReport(
         output_dir=out_dir,
         model_type=model.model_type,
-        files=[f.name for f in files],
-        tensors=len(weight_map),
-        bytes_written=total,
-        bytes_read=bytes_read,
-        seconds=time.perf_counter() - started,
+        files=[f.name for f in plan.files],
+        tensors=len(plan.weight_map),
+        bytes_written=plan.nbytes,
+        bytes_read=stats.bytes_read,
+        seconds=stats.seconds,
         config_origins={k: v.origin for k, v in model.config.items()},
-        tokenizer_files=copied,
-        peak_rss_bytes=peak_rss_bytes(),
-        peak_anonymous_bytes=memory.peak_anonymous,
-        read_ranges=read_ranges,
+        tokenizer_files=[path.name for path in tokenizer],
+        peak_rss_bytes=stats.peak_rss_bytes,
+        peak_anonymous_bytes=stats.peak_anonymous_bytes,
+        read_ranges=stats.read_ranges,
     )
 
 
@@ -198,7 +148,9 @@ def convert(
     started = time.perf_counter()
     if checkpoint_dir is None or strategy_dir is None:
         if training_output is None:
-            raise OutputError("give a training output folder, or both --checkpoint-dir and --strategy-dir")
+            raise OutputError(
+                "give a training output folder, or both --checkpoint-dir and --strategy-dir"
+            )
         root = Path(training_output)
         if not root.is_dir():
             raise FormatError(
@@ -215,9 +167,6 @@ def convert(
         source.step, len(source.files), source.num_stages, len(source.params),
         format_size(source.param_bytes), format_size(source.optimizer_bytes),
     )
-    if options.check_replicas:
-        with MappedFiles() as mapped:
-            check_replicas(source, mapped)
     try:
         report = write_hf_checkpoint(source, Path(out_dir), options, given)
     except ModelError as e:

@@ -9,7 +9,6 @@ reads no tensor byte and its answer is exactly what a run would do.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ms2hf.commands.convert import ConvertOptions, gather_given, plan_hf_checkpoint
+from ms2hf.commands.convert import ConvertOptions, gather_given, plan_for
 from ms2hf.errors import FormatError, ModelError
 from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.dtypes import nbytes
@@ -28,7 +27,7 @@ from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.io.sources.unified import plan_unified
 from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.io.unified_format import PARAM_NAME_MAP
-from ms2hf.pipeline.jsonable import jsonable
+from ms2hf.pipeline.run import jsonable
 from ms2hf.transforms.mappings import GroupedExperts
 from ms2hf.transforms.registry import HfModel
 
@@ -297,20 +296,20 @@ def _model_and_output(
     parameters in (the model's); a checkpoint that is no supported model is still described,
     with the reason."""
     try:
-        model, files = plan_hf_checkpoint(source, options, gather_given(options))
+        plan = plan_for(source, options, gather_given(options))
     except ModelError as e:
         return None, ModelReport(None, {}, error=str(e)), None, _natural
+    model = plan.model
     first_use: dict[str, int] = {}
     for i, t in enumerate(model.outputs):
         first_use.setdefault(t.source, i)
     report = ModelReport(model.model_type, dict(model.config), skipped=tuple(sorted(model.skipped)))
-    planned = [t for f in files for t in f.tensors]
     output = OutputReport(
         dtype=options.dtype,
-        files=tuple(OutputFileReport(f.name, len(f.tensors), f.nbytes) for f in files),
-        tensors=len(planned),
-        bytes=sum(f.nbytes for f in files),
-        parameters=sum(math.prod(t.tensor.shape) for t in planned),
+        files=tuple(OutputFileReport(f.name, len(f.tensors), f.nbytes) for f in plan.files),
+        tensors=len(plan.weight_map),
+        bytes=plan.nbytes,
+        parameters=plan.parameters,
         also=(*_tokenizer_names(options), HF_CONFIG, HF_INDEX),
     )
     return model, report, output, lambda name: (first_use.get(name, len(first_use)), _natural(name))

@@ -20,7 +20,6 @@ from pathlib import Path
 from ms2hf.errors import ModelError
 from ms2hf.io.config_files import read_train_config
 from ms2hf.io.hf_output import index_document, write_json
-from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.sources.legacy import plan_source
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.io.unified_format import (
@@ -30,11 +29,11 @@ from ms2hf.io.unified_format import (
     part_name,
     unified_dir,
 )
-from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
-from ms2hf.pipeline.engine.checks import FiniteCheck, check_replicas
-from ms2hf.pipeline.engine.execute import PlannedFile, PlannedTensor, SmallFile, write_files
-from ms2hf.pipeline.engine.output_dir import RUN_RECORD, prepare_output_dir
-from ms2hf.pipeline.engine.progress import Progress
+from ms2hf.pipeline.engine.budget import format_size
+from ms2hf.pipeline.engine.execute import SmallFile
+from ms2hf.pipeline.engine.output_dir import RUN_RECORD
+from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
+from ms2hf.pipeline.run import RunOptions, run_plan
 from ms2hf.transforms import pieces
 from ms2hf.transforms.registry import hf_model
 
@@ -45,7 +44,9 @@ PART_SIZE = 3 * 2**30
 
 
 @dataclass(frozen=True)
-class MergeOptions:
+class MergeOptions(RunOptions):
+    """What to merge (and, from ``RunOptions``, how to run)."""
+
     step: str | None = None
     part_size: int = PART_SIZE
     exclude_prefix: str | None = None
@@ -53,14 +54,6 @@ class MergeOptions:
     has_redundancy: bool | None = None
     """The user's claim about the save (``--has_redundancy``); checked against the files."""
     config: Path | None = None
-    memory_budget: int | None = None
-    workers: int | None = None
-    overwrite: bool = False
-    strict: bool = False
-    """Non-finite weights are an error rather than a warning."""
-    check_replicas: bool = False
-    """Read every replica of every block and require it to match the copy merged."""
-    progress: bool = True
 
 
 @dataclass
@@ -175,9 +168,6 @@ def merge(
         log.warning("warning: %s", warning)
     if options.config is not None:
         _check_config(source, options.config)
-    if options.check_replicas:
-        with MappedFiles() as mapped:
-            check_replicas(source, mapped)
     params, excluded = _kept(source, options.exclude_prefix)
     files, weight_map = plan_unified_files(params, source.scalars, options.part_size)
     parts = [f.name for f in files if f.name != HYPER_PARAM]
@@ -185,36 +175,16 @@ def merge(
     document = index_document(weight_map, param_bytes)  # the same form as an HF index
 
     out = unified_dir(Path(output_dir), source.step)
-    prepare_output_dir(out, options.overwrite)
-    budget = MemoryBudget.resolve(options.memory_budget, options.workers)
-    total = sum(f.nbytes for f in files)
     log.info(
         "step %s: %d parameters (%s) into %d part(s), %d training scalars; %s of optimizer state "
-        "not read; budget %s, %d worker(s)",
-        source.step,
-        len(params),
-        format_size(param_bytes),
-        len(parts),
-        len(source.scalars),
+        "not read",
+        source.step, len(params), format_size(param_bytes), len(parts), len(source.scalars),
         format_size(source.optimizer_bytes),
-        format_size(budget.total),
-        budget.workers,
     )
     then = [SmallFile(PARAM_NAME_MAP, lambda path: write_json(path, document))]
-    with MappedFiles() as mapped, Progress(total, "merge", options.progress) as progress:
-        write_files(
-            out,
-            files,
-            {**params, **source.scalars},
-            METADATA,
-            budget,
-            progress,
-            mapped,
-            FiniteCheck(options.strict),
-            then=then,
-            overwrite=options.overwrite,
-        )
-        bytes_read = mapped.bytes_viewed
+    stats = run_plan(
+        source, out, files, {**params, **source.scalars}, METADATA, then, options, "merge"
+    )
     written = {f.name for f in files} | {PARAM_NAME_MAP, RUN_RECORD}
     others = sorted(p.name for p in out.iterdir() if p.name not in written)
     if others:
@@ -225,7 +195,7 @@ def merge(
         parameters=len(params),
         scalars=len(source.scalars),
         excluded=excluded,
-        bytes_written=total,
-        bytes_read=bytes_read,
+        bytes_written=sum(f.nbytes for f in files),
+        bytes_read=stats.bytes_read,
         seconds=time.perf_counter() - started,
     )

@@ -27,7 +27,7 @@ from ms2hf.errors import LayoutError, ModelError
 from ms2hf.io.dtypes import nbytes as tensor_nbytes
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.sources.plan import Block, SourceParam, SourcePlan
-from ms2hf.pipeline.engine.execute import PlannedTensor
+from ms2hf.pipeline.plan import PlannedTensor
 
 log = logging.getLogger("ms2hf")
 

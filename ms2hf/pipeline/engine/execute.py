@@ -27,34 +27,13 @@ import numpy as np
 from ms2hf.errors import FormatError
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
-from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, TensorEntry, layout_shard
+from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, layout_shard
 from ms2hf.io.sources.plan import SourceParam
 from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.engine.budget import MemoryBudget
 from ms2hf.pipeline.engine.output_dir import OutputRun, claim_output_dir
 from ms2hf.pipeline.engine.progress import Progress
-from ms2hf.transforms.pieces import OutputTensor
-
-
-@dataclass(frozen=True)
-class PlannedTensor:
-    tensor: OutputTensor
-    dtype: str
-
-    @property
-    def entry(self) -> TensorEntry:
-        return TensorEntry(self.tensor.name, self.dtype, self.tensor.shape)
-
-
-@dataclass(frozen=True)
-class PlannedFile:
-    name: str
-    tensors: tuple[PlannedTensor, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.entry.nbytes for t in self.tensors)
-
+from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
 
 BandCheck = Callable[[PlannedTensor, np.ndarray], None]
 """Called on every assembled band before it is written (finiteness checks). Its ``repr`` is

@@ -1,0 +1,116 @@
+"""Running a plan: what every command that writes a checkpoint folder does the same way.
+
+``convert``, ``reverse`` and ``merge`` differ in what they plan; once planned, each checks
+replicas if asked, sizes its memory budget and workers, maps the source files, shows progress,
+hands the plan to the engine and measures what the run read and held. That scaffolding is here,
+once, with the options that govern it (``RunOptions``, which each command's options extend).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
+from typing import Any
+
+from ms2hf.io.mapped import MappedFiles
+from ms2hf.io.sources.plan import SourceParam, SourcePlan
+from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
+from ms2hf.pipeline.engine.checks import FiniteCheck, check_replicas
+from ms2hf.pipeline.engine.execute import SmallFile, write_files
+from ms2hf.pipeline.engine.memory import MemorySampler, peak_rss_bytes
+from ms2hf.pipeline.engine.output_dir import prepare_output_dir
+from ms2hf.pipeline.engine.progress import Progress
+from ms2hf.pipeline.plan import PlannedFile
+
+log = logging.getLogger("ms2hf")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run, whatever is written."""
+
+    memory_budget: int | None = None
+    """Bytes of buffers the run may hold; None for a fraction of the available memory."""
+    workers: int | None = None
+    """Threads assembling and writing tensors; None for one per CPU this process may use."""
+    overwrite: bool = False
+    """Write into a folder holding other files, replacing only the files this run writes."""
+    progress: bool = True
+    strict: bool = False
+    """Non-finite weights are an error instead of a warning."""
+    check_replicas: bool = False
+    """Read every replica of every block and require it to match the copy used."""
+    record_reads: bool = False
+    """Keep every byte range the run reads, to prove what was read (tests)."""
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What a run read, held and took."""
+
+    bytes_read: int
+    seconds: float
+    peak_rss_bytes: int
+    """The process's largest resident size, page cache of the mapped inputs included."""
+    peak_anonymous_bytes: int
+    """The largest anonymous resident size sampled while writing: what the run itself held."""
+    read_ranges: list[tuple[Path, int, int]] = field(default_factory=list)
+    """Distinct ``(file, start, end)`` ranges read, when ``record_reads`` was on."""
+
+
+def run_plan(
+    source: SourcePlan,
+    out_dir: Path,
+    files: Sequence[PlannedFile],
+    params: Mapping[str, SourceParam],
+    metadata: Mapping[str, str],
+    then: Sequence[SmallFile],
+    options: RunOptions,
+    label: str,
+) -> RunStats:
+    """Check the replicas if asked, then write ``files`` (reading ``params``) and then the small
+    files ``then`` into ``out_dir``; nothing is created before the checks pass."""
+    started = time.perf_counter()
+    if options.check_replicas:
+        with MappedFiles() as mapped:
+            check_replicas(source, mapped)
+    prepare_output_dir(out_dir, options.overwrite)
+    budget = MemoryBudget.resolve(options.memory_budget, options.workers)
+    total = sum(f.nbytes for f in files)
+    log.info(
+        "%s: %s in %d file(s); budget %s, %d worker(s)",
+        label, format_size(total), len(files), format_size(budget.total), budget.workers,
+    )
+    with MemorySampler() as memory, MappedFiles() as mapped, Progress(
+        total, label, options.progress
+    ) as progress:
+        mapped.record = options.record_reads
+        write_files(
+            out_dir, files, params, metadata, budget, progress, mapped,
+            FiniteCheck(options.strict), then=then, overwrite=options.overwrite,
+        )
+    return RunStats(
+        bytes_read=mapped.bytes_viewed,
+        seconds=time.perf_counter() - started,
+        peak_rss_bytes=peak_rss_bytes(),
+        peak_anonymous_bytes=memory.peak_anonymous,
+        read_ranges=sorted(set(mapped.ranges)),
+    )
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with dataclasses as dicts, paths as strings and tuples as lists: what
+    ``--json`` prints and reports' ``to_dict()`` return."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in value]
+    return value
