@@ -29,14 +29,12 @@ from ms2hf.errors import Ms2hfError
 from ms2hf.pipeline.engine.budget import parse_size
 from ms2hf.pipeline.shards import SHARD_LAYOUTS
 from ms2hf.transforms.casts import TARGETS
+from ms2hf.transforms.registry import FAMILIES
 
 log = logging.getLogger("ms2hf")
 
 Handler = Callable[[argparse.Namespace], int]
 
-DEMO_MODEL_NAMES = ("qwen3", "qwen3-moe")
-"""``ms2hf.commands.demo.DEMO_MODELS``' keys, spelled here so that no other command imports the demo and
-the generator behind it (a test keeps the two equal)."""
 
 
 def size_arg(text: str) -> int:
@@ -342,9 +340,10 @@ def _add_demo(sub: argparse._SubParsersAction) -> Handler:
     p.add_argument("--dtype", choices=list(TARGETS), default="bf16", help="output dtype (default: bf16)")
     p.add_argument(
         "--model",
-        choices=DEMO_MODEL_NAMES,
+        choices=[f.name for f in FAMILIES],
         default="qwen3",
-        help="qwen3-moe adds 16 experts per layer over expert parallel 4 (default: qwen3)",
+        help="the model family's example model; a family with experts splits them over expert "
+        "parallel 4 (default: qwen3)",
     )
     _add_verbosity(p)
     return _run_demo

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ms2hf.cli import DEMO_MODEL_NAMES, main
-from ms2hf.commands.demo import DEMO_MODELS, mismatches
+from ms2hf.cli import main
+from ms2hf.commands.demo import mismatches
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 
 
@@ -43,7 +43,3 @@ def test_moe_demo_converts_and_checks(tmp_path: Path, capsys: pytest.CaptureFixt
     expected = SafetensorsHeader(tmp_path / "training_output" / "expected" / "hf_model.safetensors")
     assert "model.layers.1.mlp.experts.15.down_proj.weight" in expected.tensors
     assert "model.layers.0.mlp.down_proj.weight" in expected.tensors  # the dense layer
-
-
-def test_demo_choices_are_the_demo_models() -> None:
-    assert set(DEMO_MODEL_NAMES) == set(DEMO_MODELS)

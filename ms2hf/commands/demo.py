@@ -8,42 +8,33 @@ cast shows up as a mismatch and a non-zero exit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ms2hf.commands.convert import ConvertOptions, ConvertReport, convert
-from ms2hf.generator import Generated, GeneratorConfig, MoeConfig, generate
+from ms2hf.generator import Generated, GeneratorConfig, generate
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
 from ms2hf.pipeline.engine.budget import format_size
 from ms2hf.transforms.casts import cast_into, output_dtype
+from ms2hf.transforms.registry import by_name
 
-DEMO_MODEL = GeneratorConfig(
-    layers=4,
-    hidden=256,
-    heads=8,
-    groups=4,
-    head_dim=32,
-    ffn=512,
-    vocab=1024,
-    tp=2,
-    dp=2,
-    pp=2,
-    opt_shard=-1,
-    seed=2024,
-)
+DEMO_PARALLEL = {"tp": 2, "dp": 2, "pp": 2, "opt_shard": -1, "seed": 2024}
 """Every kind of split at once: tensor, data and pipeline parallel, with optimizer sharding."""
-DEMO_MODELS = {
-    "qwen3": DEMO_MODEL,
-    "qwen3-moe": replace(
-        DEMO_MODEL, moe=MoeConfig(experts=16, moe_ffn=128, top_k=4, ep=4, mlp_only_layers=(0,))
-    ),
-}
-"""``--model`` -> what the demo trains; the MoE adds 16 experts over EP4 and one dense layer.
-Both write the same file names, so either replaces the other's files in one folder."""
+DEMO_EP = 4
+"""Expert parallelism for a family with experts: each rank of a stage holds a quarter of them."""
+
+
+def demo_config(model: str) -> GeneratorConfig:
+    """The run the demo trains for ``--model``: the family's example model on
+    ``DEMO_PARALLEL``. Every family writes the same file names, so one replaces another's
+    files in one folder."""
+    return GeneratorConfig.from_dims(by_name(model).example, ep=DEMO_EP, **DEMO_PARALLEL)
+
+
 SHOWN = 5
 
 
@@ -106,12 +97,12 @@ def mismatches(hf_dir: Path, expected: Path, dtype: str) -> list[str]:
 def run_demo(
     out_dir: Path, dtype: str = "bf16", progress: bool = False, model: str = "qwen3"
 ) -> DemoResult:
-    """Generate ``DEMO_MODELS[model]`` into ``out_dir/training_output``, convert into
+    """Generate ``demo_config(model)`` into ``out_dir/training_output``, convert into
     ``out_dir/hf``, compare.
 
     Running it again replaces the files it wrote (the same names each time), nothing else.
     """
-    generated = generate(DEMO_MODELS[model], out_dir / "training_output")
+    generated = generate(demo_config(model), out_dir / "training_output")
     options = ConvertOptions(
         dtype=dtype, config=generated.train_yaml, overwrite=True, progress=progress
     )

@@ -18,6 +18,7 @@ from ms2hf.commands.merge import MergeOptions
 from ms2hf.errors import Ms2hfError
 from ms2hf.io.config_files import ALIASES, ConfigValue
 from ms2hf.pipeline.engine.budget import default_workers
+from ms2hf.transforms.registry import FAMILIES
 
 REVERSE_SIZE_FLAGS = {
     flag: ALIASES[flag]
@@ -127,7 +128,7 @@ def add_reverse_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         metavar="NAME",
-        help="qwen3 or qwen3-moe; checked against the model the weights are",
+        help=f"{' or '.join(f.name for f in FAMILIES)}; checked against the model the weights are",
     )
     p.add_argument(
         "--reversed",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ms2hf.errors import Ms2hfError
 from ms2hf.transforms import qwen3, qwen3_moe
@@ -138,6 +139,33 @@ class GeneratorConfig:
             return frozenset(range(self.layers))
         moe = self.moe
         return qwen3_moe.dense_layers(moe.decoder_sparse_step, moe.mlp_only_layers, self.layers)
+
+    @classmethod
+    def from_dims(cls, dims: qwen3.Dims, ep: int = 1, **settings: Any) -> GeneratorConfig:
+        """A run training a model of these sizes (a family's ``Dims``); ``ep`` applies to a
+        Qwen3-MoE, ``settings`` are the other fields (parallel layout, dtype, seed...)."""
+        moe = None
+        if isinstance(dims, qwen3_moe.MoeDims):
+            moe = MoeConfig(
+                experts=dims.num_experts,
+                moe_ffn=dims.moe_intermediate_size,
+                top_k=min(qwen3_moe.DEFAULTS["num_experts_per_tok"], dims.num_experts),
+                ep=ep,
+                mlp_only_layers=dims.mlp_only_layers,
+                decoder_sparse_step=dims.decoder_sparse_step,
+            )
+        return cls(
+            layers=dims.num_hidden_layers,
+            hidden=dims.hidden_size,
+            heads=dims.num_attention_heads,
+            groups=dims.num_key_value_heads,
+            head_dim=dims.head_dim,
+            ffn=dims.intermediate_size or 1,
+            vocab=dims.vocab_size,
+            tied=dims.tie_word_embeddings,
+            moe=moe,
+            **settings,
+        )
 
     @property
     def family(self) -> ModelFamily:

@@ -70,5 +70,7 @@ class ModelFamily:
     order of its strategy files)."""
     dims_from_config: Callable[[Mapping[str, Any]], Any]
     """The sizes a Hugging Face config.json states, for ``verify``."""
+    example: Any
+    """A small model of this family (a ``dims_type``): what ``ms2hf demo --model`` trains."""
     aliases: tuple[str, ...] = field(default=())
     """Other spellings users type for it (the old tools' ``--model`` values)."""

@@ -267,6 +267,17 @@ def is_qwen3(shapes: Shapes) -> bool:
     return EMBEDDING in shapes
 
 
+EXAMPLE = Dims(
+    hidden_size=256,
+    vocab_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=32,
+    intermediate_size=512,
+    tie_word_embeddings=False,
+)
+
 FAMILY = ModelFamily(
     name="qwen3",
     model_type="qwen3",
@@ -279,4 +290,5 @@ FAMILY = ModelFamily(
     table=TABLE,
     network=network,
     dims_from_config=dims_from_config,
+    example=EXAMPLE,
 )

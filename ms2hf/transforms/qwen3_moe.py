@@ -258,6 +258,15 @@ def dims_from_config(config: Mapping[str, Any]) -> MoeDims:
     )
 
 
+EXAMPLE = MoeDims(
+    **vars(qwen3.EXAMPLE),
+    num_experts=16,
+    moe_intermediate_size=128,
+    decoder_sparse_step=1,
+    mlp_only_layers=(0,),
+)
+"""Sixteen experts per layer and one dense layer."""
+
 FAMILY = ModelFamily(
     name="qwen3-moe",
     model_type="qwen3_moe",
@@ -270,5 +279,6 @@ FAMILY = ModelFamily(
     table=TABLE,
     network=network,
     dims_from_config=dims_from_config,
+    example=EXAMPLE,
     aliases=("qwen3_moe",),
 )
