@@ -26,6 +26,7 @@ import yaml
 
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator.config import GeneratorConfig
+from ms2hf.generator.fuse import fuse
 from ms2hf.generator.layouts import PlacedParam, place, savers
 from ms2hf.generator.network import ModelSpec, model_spec
 from ms2hf.generator.strategy_file import encode_stage
@@ -153,18 +154,6 @@ def _values(
     return np.asarray(given).astype(dtype)
 
 
-def _scatter(matrix: np.ndarray, pieces: tuple[Piece, ...], values: np.ndarray) -> None:
-    """Put an output tensor's rows back where its pieces take them from."""
-    rows = values.reshape(values.shape[0] if values.ndim else 1, -1)
-    base = 0
-    for p in pieces:
-        part = rows[base : base + p.out_rows]
-        base += p.out_rows
-        stop = p.row_start + p.row_step * p.row_count
-        target = matrix[p.row_start : stop : p.row_step, p.col_start : p.col_stop]
-        target[...] = part.T if p.transpose else part
-
-
 def _write_rows(
     writer: ShardWriter,
     name: str,
@@ -191,32 +180,35 @@ def _param_dtype(p: PlacedParam, config: GeneratorConfig) -> str:
 
 def _build_param(
     p: PlacedParam,
-    outputs: Sequence[OutputTensor],
+    made_of: Sequence[OutputTensor],
     config: GeneratorConfig,
     expected: ShardWriter | None,
     weights: Weights | None,
 ) -> np.ndarray:
-    """A full parameter, made of the Hugging Face tensors drawn or given for it (written as
-    they go); a training statistic, of which no Hugging Face tensor is made, is drawn whole."""
+    """A full parameter, fused (``ms2hf.generator.fuse``) from the Hugging Face tensors drawn or
+    given for it, which are written to ``expected`` as they go; a training statistic, of which
+    no Hugging Face tensor is made, is drawn whole."""
     dtype = to_numpy(_param_dtype(p, config))
     if p.spec.training_only:
         return _random(config.seed, p.spec.name, p.spec.shape, dtype)
-    full = np.empty(p.spec.shape, dtype)
-    matrix = full.reshape(p.spec.shape[0], -1)
-    covered = 0
-    for same in _same_tensor(outputs):
-        values = _values(config, same, dtype, weights)
-        _scatter(matrix, same[0].pieces, values)
-        if expected is not None:
-            for t in same:
-                _write_rows(expected, t.name, values)
-        covered += values.size
-    if covered != full.size:
+    values: dict[str, np.ndarray] = {}
+    for same in _same_tensor(made_of):
+        value = _values(config, same, dtype, weights)
+        for t in same:
+            values[t.name] = value
+            if expected is not None:
+                _write_rows(expected, t.name, value)
+    found = config.family.table.row(p.spec.name)
+    if found is None:
+        raise Ms2hfError(f"parameter {p.spec.name!r} has no row in the {config.family.name} table")
+    row, layer = found
+    full = fuse(row, layer, values, config.dims, config.weight_layout)
+    if full.shape != p.spec.shape:
         raise Ms2hfError(
-            f"parameter {p.spec.name!r}: the Hugging Face rules cover {covered} of its {full.size} "
-            "elements, so it cannot be generated from Hugging Face tensors"
+            f"parameter {p.spec.name!r}: fused from its Hugging Face tensors it has shape "
+            f"{list(full.shape)}, the network says {list(p.spec.shape)}"
         )
-    return full
+    return np.ascontiguousarray(full, dtype)
 
 
 def _rank_entries(

@@ -8,6 +8,7 @@ from typing import Any
 from ms2hf.errors import Ms2hfError
 from ms2hf.transforms import qwen3, qwen3_moe
 from ms2hf.transforms.family import ModelFamily
+from ms2hf.transforms.mappings import WeightLayout
 from ms2hf.transforms.registry import by_name
 
 SOURCE_DTYPES = {"fp32": "F32", "bf16": "BF16"}
@@ -166,6 +167,10 @@ class GeneratorConfig:
             moe=moe,
             **settings,
         )
+
+    @property
+    def weight_layout(self) -> WeightLayout:
+        return WeightLayout(self.contiguous_qkv, self.interleaved_fc1)
 
     @property
     def family(self) -> ModelFamily:
