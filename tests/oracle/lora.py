@@ -383,7 +383,7 @@ class RunLoraSettings:
 def read_run_adapter_config(path: str | Path) -> RunLoraSettings:
     """``r``, ``lora_alpha`` and ``lora_dropout`` from the file the run writes next to
     ``checkpoint/``. Its ``target_modules`` (mindformers' regex split on ``|``) is not used.
-    mindformers writes ``int(lora_alpha)`` and ``int(lora_rank)``, with 0 for a missing value:
+    mindformers writes ``int(lora_alpha)`` and ``int(lora_rank)`` (an alpha below 1 becomes 0):
     a value <= 0 is refused here rather than turned into a zero or infinite scale."""
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     if doc.get("peft_type") not in ("LORA", "lora"):
