@@ -183,7 +183,8 @@ def evaluate(
             _target(
                 "4 workers: --workers 1 and 2 byte-identical",
                 checks.get("W: workers 1 and 2 identical", False),
-                f"speed-up {one.median_s / two.median_s:.2f}x ({one.median_s:.2f} s -> {two.median_s:.2f} s)",
+                f"speed-up {one.median_s / two.median_s:.2f}x "
+                f"({one.median_s:.2f} s -> {two.median_s:.2f} s)",
             )
         )
     for state in states:

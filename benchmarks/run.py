@@ -205,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--sections",
         metavar="LIST",
-        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all); memory needs workers' output",
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all); "
+        "memory needs workers' output",
     )
     args = parser.parse_args(argv)
     repeat = 1 if args.quick else args.repeat

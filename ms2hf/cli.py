@@ -14,7 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from ms2hf import __version__
 from ms2hf.commands.convert import ConvertOptions, convert
@@ -34,7 +34,7 @@ from ms2hf.transforms.registry import FAMILIES
 log = logging.getLogger("ms2hf")
 
 Handler = Callable[[argparse.Namespace], int]
-
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def size_arg(text: str) -> int:
@@ -72,27 +72,38 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
 def add_hf_options(p: argparse.ArgumentParser) -> None:
     """What the Hugging Face checkpoint is made of: dtype, shards, config and tokenizer files."""
     p.add_argument(
-        "--dtype", choices=list(TARGETS), default="bf16",
+        "--dtype",
+        choices=list(TARGETS),
+        default="bf16",
         help="output dtype for floating-point tensors (default: bf16; source keeps each tensor's)",
     )
     p.add_argument(
-        "--max-shard-size", type=size_arg, default=5_000_000_000, metavar="SIZE",
+        "--max-shard-size",
+        type=size_arg,
+        default=5_000_000_000,
+        metavar="SIZE",
         help="largest output file, decimal units as huggingface_hub (default: 5GB)",
     )
     p.add_argument(
-        "--reference-config", type=Path, metavar="HF_CONFIG_JSON",
+        "--reference-config",
+        type=Path,
+        metavar="HF_CONFIG_JSON",
         help="a Hugging Face config.json giving what the weights cannot tell (rope theta, norm "
         "epsilon, token ids, context length); its sizes must agree with the weights",
     )
     p.add_argument(
-        "--tokenizer-dir", type=Path, metavar="DIR",
+        "--tokenizer-dir",
+        type=Path,
+        metavar="DIR",
         help="copy the tokenizer and generation_config files found in DIR into the output",
     )
 
 
 def add_config_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", type=Path, metavar="TRAIN_YAML",
+        "--config",
+        type=Path,
+        metavar="TRAIN_YAML",
         help="training yaml: weight layout flags, sizes to check, and config.json values",
     )
 
@@ -101,11 +112,13 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     """Options of every command that writes a checkpoint folder."""
     add_config_option(p)
     p.add_argument(
-        "--overwrite", action="store_true",
+        "--overwrite",
+        action="store_true",
         help="write into a non-empty folder, replacing only the files this run writes",
     )
     p.add_argument(
-        "--strict", action="store_true",
+        "--strict",
+        action="store_true",
         help="make NaN or inf in the weights an error (default: a warning naming the tensor)",
     )
 
@@ -113,18 +126,23 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 def add_check_replicas_option(p: argparse.ArgumentParser) -> None:
     """For commands reading a training output saved with redundancy."""
     p.add_argument(
-        "--check-replicas", action="store_true",
+        "--check-replicas",
+        action="store_true",
         help="read every copy of every block and require it to match the copy used",
     )
 
 
 def add_resource_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--memory-budget", type=size_arg, metavar="SIZE",
+        "--memory-budget",
+        type=size_arg,
+        metavar="SIZE",
         help="buffer memory the run may hold, e.g. 512MiB (default: 1/4 of available memory)",
     )
     p.add_argument(
-        "--workers", type=positive_int, metavar="N",
+        "--workers",
+        type=positive_int,
+        metavar="N",
         help="threads assembling and writing tensors (default: CPU count)",
     )
 
@@ -159,18 +177,25 @@ def run_options(args: argparse.Namespace) -> ConvertOptions:
     return dataclasses.replace(hf_options(args), **run_fields(args))
 
 
-def _add_convert(sub: argparse._SubParsersAction) -> Handler:
+def _add_convert(sub: Subcommands) -> Handler:
     p = sub.add_parser(
         "convert",
         help="training output (rank files + strategy) -> Hugging Face checkpoint",
         description="Convert a MindSpore Transformers Qwen3 training output into a Hugging Face "
         "checkpoint in one streaming pass.",
     )
-    p.add_argument("training_output", type=Path, nargs="?", metavar="TRAINING_OUTPUT",
-                   help="folder holding checkpoint/ and strategy/")
+    p.add_argument(
+        "training_output",
+        type=Path,
+        nargs="?",
+        metavar="TRAINING_OUTPUT",
+        help="folder holding checkpoint/ and strategy/",
+    )
     p.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="output folder")
     p.add_argument("--checkpoint-dir", type=Path, help="the rank_N folders' parent, if elsewhere")
-    p.add_argument("--strategy-dir", type=Path, help="strategy files (or one merged file), if elsewhere")
+    p.add_argument(
+        "--strategy-dir", type=Path, help="strategy files (or one merged file), if elsewhere"
+    )
     _add_step(p)
     add_run_options(p)
     add_check_replicas_option(p)
@@ -180,8 +205,11 @@ def _add_convert(sub: argparse._SubParsersAction) -> Handler:
 
 
 def _add_step(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--step", metavar="EPOCH_STEP",
-                   help="which checkpoint, e.g. 1000_1 (default: newest present in every rank)")
+    p.add_argument(
+        "--step",
+        metavar="EPOCH_STEP",
+        help="which checkpoint, e.g. 1000_1 (default: newest present in every rank)",
+    )
 
 
 def _add_json(p: argparse.ArgumentParser, text: str) -> None:
@@ -206,7 +234,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_inspect(sub: argparse._SubParsersAction) -> Handler:
+def _add_inspect(sub: Subcommands) -> Handler:
     p = sub.add_parser(
         "inspect",
         help="describe a training output, unified or Hugging Face folder (headers only)",
@@ -214,8 +242,12 @@ def _add_inspect(sub: argparse._SubParsersAction) -> Handler:
         "stages, how every parameter is split and saved, bytes, the model and its config, and "
         "what convert would write with the given options.",
     )
-    p.add_argument("path", type=Path, metavar="PATH",
-                   help="training output (checkpoint/ + strategy/), unified or Hugging Face folder")
+    p.add_argument(
+        "path",
+        type=Path,
+        metavar="PATH",
+        help="training output (checkpoint/ + strategy/), unified or Hugging Face folder",
+    )
     _add_step(p)
     add_hf_options(p)
     add_config_option(p)
@@ -236,7 +268,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_merge(sub: argparse._SubParsersAction) -> Handler:
+def _add_merge(sub: Subcommands) -> Handler:
     p = sub.add_parser(
         "merge",
         help="training output -> unified MindSpore checkpoint (drop-in for unified_safetensors.py)",
@@ -245,7 +277,10 @@ def _add_merge(sub: argparse._SubParsersAction) -> Handler:
     )
     add_merge_flags(p)
     p.add_argument(
-        "--part-size", type=size_arg, default=PART_SIZE, metavar="SIZE",
+        "--part-size",
+        type=size_arg,
+        default=PART_SIZE,
+        metavar="SIZE",
         help="split into ceil(total / SIZE) balanced part files (default: 3GiB, as MindSpore)",
     )
     add_output_options(p)
@@ -270,7 +305,7 @@ def _log_notes(notes: Sequence[str]) -> None:
         log.info("note: %s", note)
 
 
-def _add_reverse(sub: argparse._SubParsersAction) -> Handler:
+def _add_reverse(sub: Subcommands) -> Handler:
     p = sub.add_parser(
         "reverse",
         help="unified MindSpore checkpoint -> Hugging Face (drop-in for convert_weight.py "
@@ -280,7 +315,9 @@ def _add_reverse(sub: argparse._SubParsersAction) -> Handler:
     )
     add_reverse_flags(p)
     p.add_argument(
-        "--layout", choices=SHARD_LAYOUTS, default="size",
+        "--layout",
+        choices=SHARD_LAYOUTS,
+        default="size",
         help="output files: size-based shards (default), or per-layer as the old tool wrote",
     )
     add_run_options(p)
@@ -298,7 +335,7 @@ def _run_reverse(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_verify(sub: argparse._SubParsersAction) -> Handler:
+def _add_verify(sub: Subcommands) -> Handler:
     p = sub.add_parser(
         "verify",
         help="check a Hugging Face folder, and optionally its bytes against the training output",
@@ -308,8 +345,12 @@ def _add_verify(sub: argparse._SubParsersAction) -> Handler:
         "Exit status 0: all good; 1: problems found (listed); 2: could not check.",
     )
     p.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="the Hugging Face folder")
-    p.add_argument("--against", type=Path, metavar="TRAINING_OUTPUT",
-                   help="the training output (checkpoint/ + strategy/) it was converted from")
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="TRAINING_OUTPUT",
+        help="the training output (checkpoint/ + strategy/) it was converted from",
+    )
     _add_step(p)
     add_config_option(p)
     add_resource_options(p)
@@ -328,7 +369,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _add_demo(sub: argparse._SubParsersAction) -> Handler:
+def _add_demo(sub: Subcommands) -> Handler:
     p = sub.add_parser(
         "demo",
         help="generate a small training output, convert it, and check every tensor",
@@ -337,7 +378,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> Handler:
         "tensor with the expected bytes. Exits non-zero on any mismatch.",
     )
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder for both outputs")
-    p.add_argument("--dtype", choices=list(TARGETS), default="bf16", help="output dtype (default: bf16)")
+    p.add_argument(
+        "--dtype", choices=list(TARGETS), default="bf16", help="output dtype (default: bf16)"
+    )
     p.add_argument(
         "--model",
         choices=[f.name for f in FAMILIES],
@@ -357,7 +400,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], Handler]] = [
+COMMANDS: list[Callable[[Subcommands], Handler]] = [
     _add_convert,
     _add_inspect,
     _add_merge,
@@ -405,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ms2hf {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ms2hf {args.command}: interrupted; no partial file was left behind", file=sys.stderr)
+        print(
+            f"ms2hf {args.command}: interrupted; no partial file was left behind", file=sys.stderr
+        )
         return 130
 
 

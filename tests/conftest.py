@@ -14,7 +14,12 @@ from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 
 DATA = Path(__file__).parent / "data"
-DENSE_FIXTURES = ["tiny_fp32", "tiny_bf16_dedup", "tiny_fp32_dp2tp2pp2_opt", "tiny_tied_fp32_tp2pp2"]
+DENSE_FIXTURES = [
+    "tiny_fp32",
+    "tiny_bf16_dedup",
+    "tiny_fp32_dp2tp2pp2_opt",
+    "tiny_tied_fp32_tp2pp2",
+]
 MOE_FIXTURES = ["moe_fp32_dp2tp2pp2_ep2"]
 EXPECTED_DTYPE = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 
@@ -26,7 +31,9 @@ def load_tensors(path: Path) -> dict[str, np.ndarray]:
     out = {}
     for name, info in header.tensors.items():
         dtype = to_numpy(info.dtype)
-        out[name] = np.frombuffer(raw, dtype, info.nbytes // dtype.itemsize, info.start).reshape(info.shape)
+        out[name] = np.frombuffer(raw, dtype, info.nbytes // dtype.itemsize, info.start).reshape(
+            info.shape
+        )
     return out
 
 

@@ -51,7 +51,7 @@ def test_options_object_and_overrides(tmp_path: Path) -> None:
     report = ms2hf.convert(FIXTURE, tmp_path / "hf", base, dtype="bf16")
     assert base.dtype == "fp16"  # not modified
     assert report.bytes_written == 2_496_000 // 2
-    with pytest.raises(ms2hf.Ms2hfError, match="unknown option.*dtyp\\b"):
+    with pytest.raises(ms2hf.Ms2hfError, match=r"unknown option.*dtyp\b"):
         ms2hf.convert(FIXTURE, tmp_path / "other", dtyp="bf16")
     with pytest.raises(ms2hf.Ms2hfError, match="max_shard_size: 'five' is not a size"):
         ms2hf.inspect(FIXTURE, max_shard_size="five")

@@ -219,7 +219,7 @@ def test_tokenizer_files_are_copied(tmp_path: Path) -> None:
         assert (out / name).read_bytes() == data
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen3"
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert set(p.name for p in out.iterdir() if not p.name.startswith(".")) == {
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
         *files,
         "config.json",
         "model.safetensors",
@@ -268,6 +268,9 @@ def test_reference_num_local_experts_is_checked_against_the_weights(tmp_path: Pa
     """transformers 5 spells the expert count num_local_experts; a wrong one must not pass."""
     reference = tmp_path / "ref.json"
     reference.write_text(json.dumps({"model_type": "qwen3_moe", "num_local_experts": 16}))
-    with pytest.raises(ModelError, match="num_local_experts.*16"):
-        convert(DATA / "moe_fp32_dp2tp2pp2_ep2", tmp_path / "hf",
-                ConvertOptions(progress=False, reference_config=reference))
+    with pytest.raises(ModelError, match=r"num_local_experts.*16"):
+        convert(
+            DATA / "moe_fp32_dp2tp2pp2_ep2",
+            tmp_path / "hf",
+            ConvertOptions(progress=False, reference_config=reference),
+        )

@@ -19,12 +19,14 @@ def test_fixture_matches_ground_truth(dense_fixture: Path, dtype: str, tmp_path:
     assert_matches_ground_truth(out, dense_fixture, dtype)
 
 
-def test_output_loads_with_safetensors_and_index_is_complete(dense_fixture: Path, tmp_path: Path) -> None:
+def test_output_loads_with_safetensors_and_index_is_complete(
+    dense_fixture: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "hf"
     convert(dense_fixture, out, ConvertOptions(progress=False, max_shard_size=300_000))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     weight_map = index["weight_map"]
-    shards = sorted({f for f in weight_map.values()})
+    shards = sorted(set(weight_map.values()))
     assert len(shards) > 1
     assert shards == sorted(p.name for p in out.glob("model-*.safetensors"))
     seen: list[str] = []
@@ -35,7 +37,7 @@ def test_output_loads_with_safetensors_and_index_is_complete(dense_fixture: Path
             names = list(f.keys())
             seen += names
             assert all(weight_map[n] == shard for n in names)
-    for name, arr in load_hf_dir(out).items():
+    for arr in load_hf_dir(out).values():
         total += arr.nbytes
     assert sorted(seen) == sorted(weight_map)
     assert len(seen) == len(set(seen))
@@ -47,8 +49,17 @@ def test_config_json_matches_fixture_config(dense_fixture: Path, tmp_path: Path)
     convert(dense_fixture, out, ConvertOptions(progress=False))
     config = json.loads((out / "config.json").read_text())
     truth = json.loads((dense_fixture / "ground_truth" / "config.json").read_text())
-    for key in ("architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
-                "tie_word_embeddings"):
+    for key in (
+        "architectures",
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "vocab_size",
+        "tie_word_embeddings",
+    ):
         assert config[key] == truth[key], key
     assert config["torch_dtype"] == config["dtype"] == "bfloat16"

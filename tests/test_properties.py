@@ -146,9 +146,7 @@ def _tensor_ranges(files: list[Path]) -> dict[Path, list[tuple[int, int, KeyKind
         GeneratorConfig(tp=2, dp=2, pp=2),  # every weight saved twice or four times
         GeneratorConfig(tp=2, dp=2, pp=2, opt_shard=-1, tied=True, dtype="bf16"),
         GeneratorConfig(tp=2, dp=2, pp=2, opt_shard=2, remove_redundancy=True),
-        GeneratorConfig(
-            tp=2, dp=2, pp=2, opt_shard=-1, moe=MoeConfig(ep=4, mlp_only_layers=(1,))
-        ),
+        GeneratorConfig(tp=2, dp=2, pp=2, opt_shard=-1, moe=MoeConfig(ep=4, mlp_only_layers=(1,))),
     ],
     ids=["redundant", "optimizer-sharded", "deduplicated", "moe"],
 )

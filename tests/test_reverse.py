@@ -207,5 +207,5 @@ def test_a_tensor_in_two_files_is_an_error(reference: tuple[Path, dict], tmp_pat
 
 
 def test_an_empty_folder_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(FormatError, match="neither param_name_map.json nor any"):
+    with pytest.raises(FormatError, match=r"neither param_name_map\.json nor any"):
         reverse(tmp_path, tmp_path / "hf", ConvertOptions(progress=False))

@@ -164,8 +164,12 @@ def convert(
     log.info(
         "step %s: %d ranks, %d stage(s), %d parameters (%s of weights; %s of optimizer state "
         "not read)",
-        source.step, len(source.files), source.num_stages, len(source.params),
-        format_size(source.param_bytes), format_size(source.optimizer_bytes),
+        source.step,
+        len(source.files),
+        source.num_stages,
+        len(source.params),
+        format_size(source.param_bytes),
+        format_size(source.optimizer_bytes),
     )
     try:
         report = write_hf_checkpoint(source, Path(out_dir), options, given)

@@ -75,7 +75,8 @@ def _tensors(paths: list[Path]) -> dict[str, tuple[Path, TensorInfo]]:
 
 
 def mismatches(hf_dir: Path, expected: Path, dtype: str) -> list[str]:
-    """Names of the tensors that are missing, extra, or not the expected tensor cast to ``dtype``."""
+    """Names of the tensors that are missing, extra, or not the expected tensor cast to
+    ``dtype``."""
     want = _tensors([expected])
     got = _tensors(sorted(hf_dir.glob("*.safetensors")))
     bad = set(want) ^ set(got)

@@ -139,7 +139,8 @@ class InspectReport:
     output: OutputReport | None
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable(self)
+        doc: dict[str, Any] = jsonable(self)
+        return doc
 
 
 def detect_kind(path: Path) -> str:
@@ -181,7 +182,9 @@ def _grouped_experts(model: HfModel | None) -> frozenset[str]:
         return frozenset()
     rows = model.family.table
     return frozenset(
-        t.source for t in model.outputs if isinstance((rows.row(t.source) or (None,))[0], GroupedExperts)
+        t.source
+        for t in model.outputs
+        if isinstance((rows.row(t.source) or (None,))[0], GroupedExperts)
     )
 
 

@@ -70,7 +70,7 @@ def param_lines(report: InspectReport) -> list[str]:
     training = report.kind == TRAINING
     groups: dict[tuple[str, ...], list[ParamReport]] = {}
     for p in report.params:
-        key = (_fold(p.name), _shape(p.shape), p.dtype)
+        key: tuple[str, ...] = (_fold(p.name), _shape(p.shape), p.dtype)
         if training:
             key += (_split(p), str(p.replicas), str(p.saved_copies))
         groups.setdefault(key, []).append(p)

@@ -178,7 +178,11 @@ def merge(
     log.info(
         "step %s: %d parameters (%s) into %d part(s), %d training scalars; %s of optimizer state "
         "not read",
-        source.step, len(params), format_size(param_bytes), len(parts), len(source.scalars),
+        source.step,
+        len(params),
+        format_size(param_bytes),
+        len(parts),
+        len(source.scalars),
         format_size(source.optimizer_bytes),
     )
     then = [SmallFile(PARAM_NAME_MAP, lambda path: write_json(path, document))]

@@ -208,7 +208,10 @@ def _compare_tensor(
 ) -> str | None:
     """Recompute ``tensor`` from the source into bands of ``info``'s dtype and compare."""
     if info.shape != tensor.shape:
-        return f"{file}: {tensor.name} has shape {list(info.shape)}, the source gives {list(tensor.shape)}"
+        return (
+            f"{file}: {tensor.name} has shape {list(info.shape)}, "
+            f"the source gives {list(tensor.shape)}"
+        )
     if info.dtype not in {output_dtype(param.dtype, t) for t in TARGETS}:
         return f"{file}: {tensor.name} is {info.dtype}, which no conversion of {param.dtype} gives"
     dtype = to_numpy(info.dtype)
@@ -266,7 +269,7 @@ def verify(
     files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
     headers = _read_headers(folder, files, report)
     if weight_map is None:
-        weight_map = {name: SINGLE_FILE for name in headers.get(SINGLE_FILE, {})}
+        weight_map = dict.fromkeys(headers.get(SINGLE_FILE, {}), SINGLE_FILE)
     found = _check_index(weight_map, total, headers, report)
     _check_shapes(folder, found, report)
     _check_record(folder, headers, report)

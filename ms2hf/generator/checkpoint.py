@@ -98,7 +98,7 @@ def _adam_state(prefix: str) -> Callable[[np.ndarray], np.ndarray]:
     """Stand-in Adam moments of a slice: fp32, cheap to make, and unlike any weight value."""
 
     def moment(weights: np.ndarray) -> np.ndarray:
-        m = weights.astype(np.float32) * np.float32(1e-2)
+        m: np.ndarray = weights.astype(np.float32) * np.float32(1e-2)
         return m if prefix == "adam_m." else m * m
 
     return moment

@@ -62,9 +62,10 @@ def _gate_up(gate: np.ndarray, up: np.ndarray, interleaved: bool) -> np.ndarray:
 def _experts(tensors: list[np.ndarray], per_expert: int) -> np.ndarray:
     """Grouped experts, stored transposed: ``weight1`` row block e is ``[gate_e.T | up_e.T]``,
     ``weight2`` row block e is ``down_e.T``."""
-    blocks = []
-    for e in range(0, len(tensors), per_expert):
-        blocks.append(np.concatenate([t.T for t in tensors[e : e + per_expert]], axis=1))
+    blocks = [
+        np.concatenate([t.T for t in tensors[e : e + per_expert]], axis=1)
+        for e in range(0, len(tensors), per_expert)
+    ]
     return np.concatenate(blocks)
 
 
@@ -77,9 +78,11 @@ def fuse(
     if isinstance(row, (Rename, TiedHead)):
         return tensors[0]
     if isinstance(row, QkvSplit):
-        return _qkv(*tensors, dims, layout.contiguous_qkv)
+        q, k, v = tensors
+        return _qkv(q, k, v, dims, layout.contiguous_qkv)
     if isinstance(row, GateUpSplit):
-        return _gate_up(*tensors, layout.interleaved_fc1)
+        gate, up = tensors
+        return _gate_up(gate, up, layout.interleaved_fc1)
     if isinstance(row, GroupedExperts):
         return _experts(tensors, len(row.targets()))
     raise Ms2hfError(f"{row.source}: the generator cannot make a {type(row).__name__} parameter")

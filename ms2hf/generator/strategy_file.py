@@ -35,4 +35,5 @@ def encode_stage(network: str, stage: int, params: Sequence[PlacedParam]) -> byt
         layouts.field = 0
         layouts.opt_weight_shard_step = p.layout.opt_shard_step
         layouts.opt_weight_shard_size = p.layout.opt_shard_size
-    return msg.SerializeToString()
+    encoded: bytes = msg.SerializeToString()
+    return encoded

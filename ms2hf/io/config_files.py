@@ -106,7 +106,8 @@ def read_train_config(path: str | Path) -> Given:
         origin = f"{path.name}: model.model_config.{key}"
         if name in out and out[name].value != value:
             raise FormatError(
-                f"{path}: {out[name].origin} = {out[name].value!r} and {origin} = {value!r} disagree"
+                f"{path}: {out[name].origin} = {out[name].value!r} and {origin} = {value!r} "
+                "disagree"
             )
         out[name] = ConfigValue(value, origin)
     untie = out.pop("untie_embeddings_and_output_weights", None)
@@ -120,7 +121,7 @@ NOT_TAKEN = frozenset(
 )
 """Entries the run decides itself (class from the weights, dtype from ``--dtype``)."""
 ROPE_PARAMETERS = "rope_parameters"
-REFERENCE_ALIASES = {"num_local_experts": "num_experts"}
+REFERENCE_ALIASES: dict[str, str] = {"num_local_experts": "num_experts"}
 """transformers 5 saves Qwen3-MoE's expert count under another name; it is checked all the same."""
 
 
@@ -136,8 +137,8 @@ def read_reference_config(path: str | Path) -> Given:
     if not isinstance(doc, dict):
         raise FormatError(f"{path}: expected a JSON object (a Hugging Face config.json)")
     origin = f"reference {path.name}"
-    out = {
-        REFERENCE_ALIASES.get(key, key): ConfigValue(value, f"{origin}: {key}")
+    out: Given = {
+        REFERENCE_ALIASES.get(str(key), str(key)): ConfigValue(value, f"{origin}: {key}")
         for key, value in doc.items()
         if key not in NOT_TAKEN and key != ROPE_PARAMETERS
     }
@@ -145,9 +146,7 @@ def read_reference_config(path: str | Path) -> Given:
     return out
 
 
-def _rope_entries(
-    doc: dict[str, Any], flat: Given, path: Path, origin: str
-) -> Given:
+def _rope_entries(doc: dict[str, Any], flat: Given, path: Path, origin: str) -> Given:
     """``rope_theta`` and ``rope_scaling`` read out of ``rope_parameters``, when it is there."""
     rope = doc.get(ROPE_PARAMETERS)
     if rope is None:

@@ -46,9 +46,7 @@ class MappedFiles:
             _close(old)
         return m
 
-    def view(
-        self, path: Path, start: int, dtype: np.dtype, shape: tuple[int, ...]
-    ) -> np.ndarray:
+    def view(self, path: Path, start: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         count = 1
         for d in shape:
             count *= d

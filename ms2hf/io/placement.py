@@ -60,7 +60,9 @@ def grid(layout: Layout, ndim: int) -> Grid:
     splits = [math.prod(layout.dev_matrix[n - 1 - a] for a in axes) for axes in dim_axes]
     used = {a for axes in dim_axes for a in axes}
     if len(used) != sum(len(axes) for axes in dim_axes):
-        raise LayoutError(f"tensor_map {[list(e) for e in layout.tensor_map]} uses a dev axis twice")
+        raise LayoutError(
+            f"tensor_map {[list(e) for e in layout.tensor_map]} uses a dev axis twice"
+        )
     chunks = 1
     if layout.optimizer_sharded and ndim > 0:
         if layout.opt_shard_size > 0:

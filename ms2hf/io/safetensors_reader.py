@@ -65,7 +65,7 @@ def _parse_entry(path: Path, name: str, raw: object) -> tuple[str, tuple[int, ..
         or offsets[1] < offsets[0]
     ):
         raise bad(f"data_offsets {offsets!r} is not a pair [begin, end] with begin <= end")
-    expected = nbytes(dtype, shape)
+    expected = nbytes(dtype, tuple(shape))
     if offsets[1] - offsets[0] != expected:
         raise bad(
             f"shape {shape} of {dtype} needs {expected} bytes but data_offsets "

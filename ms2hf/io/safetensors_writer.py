@@ -59,7 +59,11 @@ def layout_shard(entries: Sequence[TensorEntry], metadata: Mapping[str, str]) ->
     for e in ordered:
         if e.name in relative or e.name == "__metadata__":
             raise ValueError(f"tensor name {e.name!r} used twice in one shard")
-        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        header[e.name] = {
+            "dtype": e.dtype,
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         relative[e.name] = offset
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -90,7 +94,9 @@ class ShardWriter:
         try:
             self._fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
-            raise OutputError(f"{self.path}: cannot create {self.temporary.name}: {e.strerror or e}") from e
+            raise OutputError(
+                f"{self.path}: cannot create {self.temporary.name}: {e.strerror or e}"
+            ) from e
         self._behind = WriteBehind(self._fd)
         self._one_writer = threading.Lock()
         """The kernel lets one buffered write into a file proceed at a time (the inode lock),
@@ -106,7 +112,7 @@ class ShardWriter:
         """Write the next bytes of tensor ``name``, which start ``offset`` bytes into it."""
         if offset != self._written[name]:
             raise ValueError(f"{name}: bytes written at {offset}, expected {self._written[name]}")
-        view = memoryview(data).cast("B")
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
         self._checksums[name].update(view)
         self._written[name] += len(view)
         self._write_at(view, self.layout.starts[name] + offset)
@@ -155,7 +161,10 @@ class ShardWriter:
 
 
 def save_file(
-    tensors: Mapping[str, np.ndarray], path: str | os.PathLike[str], metadata: Mapping[str, str], dtypes: Mapping[str, str]
+    tensors: Mapping[str, np.ndarray],
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str],
+    dtypes: Mapping[str, str],
 ) -> None:
     """Write whole in-memory arrays (small files: the generator, hyper-parameters)."""
     entries = [TensorEntry(name, dtypes[name], tuple(a.shape)) for name, a in tensors.items()]

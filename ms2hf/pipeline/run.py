@@ -83,15 +83,29 @@ def run_plan(
     total = sum(f.nbytes for f in files)
     log.info(
         "%s: %s in %d file(s); budget %s, %d worker(s)",
-        label, format_size(total), len(files), format_size(budget.total), budget.workers,
+        label,
+        format_size(total),
+        len(files),
+        format_size(budget.total),
+        budget.workers,
     )
-    with MemorySampler() as memory, MappedFiles() as mapped, Progress(
-        total, label, options.progress
-    ) as progress:
+    with (
+        MemorySampler() as memory,
+        MappedFiles() as mapped,
+        Progress(total, label, options.progress) as progress,
+    ):
         mapped.record = options.record_reads
         write_files(
-            out_dir, files, params, metadata, budget, progress, mapped,
-            FiniteCheck(options.strict), then=then, overwrite=options.overwrite,
+            out_dir,
+            files,
+            params,
+            metadata,
+            budget,
+            progress,
+            mapped,
+            FiniteCheck(options.strict),
+            then=then,
+            overwrite=options.overwrite,
         )
     return RunStats(
         bytes_read=mapped.bytes_viewed,

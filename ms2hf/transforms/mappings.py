@@ -170,7 +170,10 @@ class GateUpSplit:
         f = shape[0] // 2
         gate, up = _in_layer(self.gate, layer), _in_layer(self.up, layer)
         if ctx.layout.interleaved_fc1:
-            return [row_runs(gate, source, shape, [(0, f)], 2), row_runs(up, source, shape, [(1, f)], 2)]
+            return [
+                row_runs(gate, source, shape, [(0, f)], 2),
+                row_runs(up, source, shape, [(1, f)], 2),
+            ]
         return [row_runs(gate, source, shape, [(0, f)]), row_runs(up, source, shape, [(f, f)])]
 
     def targets(self) -> tuple[str, ...]:
@@ -200,7 +203,9 @@ class GroupedExperts:
             if len(names) == 2:  # weight1: gate and up, the column halves of H rows
                 rows = (e * h, (e + 1) * h)
                 out.append(transposed_window(names[0].replace(EXPERT, ex), source, rows, (0, f)))
-                out.append(transposed_window(names[1].replace(EXPERT, ex), source, rows, (f, 2 * f)))
+                out.append(
+                    transposed_window(names[1].replace(EXPERT, ex), source, rows, (f, 2 * f))
+                )
             else:  # weight2: down, Fm rows of H columns
                 rows = (e * f, (e + 1) * f)
                 out.append(transposed_window(names[0].replace(EXPERT, ex), source, rows, (0, h)))
@@ -326,7 +331,9 @@ class Table:
                 f"layer {i} has both a dense MLP and experts ({', '.join(mlps)} parameters)"
             )
         wanted = {*self.layer_groups, *(mlps or self.mlp_groups[:1])}
-        missing = [r.source for r in rows if r.group in wanted and r.required and r.source not in keys]
+        missing = [
+            r.source for r in rows if r.group in wanted and r.required and r.source not in keys
+        ]
         if missing:
             names = ", ".join(_in_layer(s, str(i)) for s in missing)
             raise ModelError(f"layer {i} lacks {names}")

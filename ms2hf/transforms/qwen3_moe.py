@@ -247,7 +247,9 @@ def dims_from_config(config: Mapping[str, Any]) -> MoeDims:
     step = qwen3.config_int(config, "decoder_sparse_step", 1)
     only = config.get("mlp_only_layers") or []
     if step == 0 or not isinstance(only, list):
-        raise ModelError("config.json: decoder_sparse_step must be positive, mlp_only_layers a list")
+        raise ModelError(
+            "config.json: decoder_sparse_step must be positive, mlp_only_layers a list"
+        )
     base = qwen3.dims_from_config({"intermediate_size": 0, **config})
     return MoeDims(
         **dataclasses.asdict(base),

@@ -14,6 +14,7 @@ recorded for accounting but never scheduled for reading.
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,15 +31,13 @@ _RANK_DIR = re.compile(r"^rank_(\d+)$")
 _STEP = re.compile(r"-(\d+)_(\d+)\.safetensors$")
 
 
-def find_rank_dirs(checkpoint_dir: str | Path) -> dict[int, Path]:
+def find_rank_dirs(checkpoint_dir: str | os.PathLike[str]) -> dict[int, Path]:
     """``rank_N`` folders by rank, checked to be exactly 0..W-1."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise FormatError(f"{root}: checkpoint folder does not exist or is not a folder")
     ranks = {
-        int(m.group(1)): p
-        for p in root.iterdir()
-        if p.is_dir() and (m := _RANK_DIR.match(p.name))
+        int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := _RANK_DIR.match(p.name))
     }
     if not ranks:
         raise FormatError(f"{root}: no rank_N folders (expected rank_0, rank_1, ...)")
@@ -125,8 +124,8 @@ def _redundancy_removed(headers: list[SafetensorsHeader]) -> bool:
 
 
 def plan_source(
-    checkpoint_dir: str | Path,
-    strategy_path: str | Path,
+    checkpoint_dir: str | os.PathLike[str],
+    strategy_path: str | os.PathLike[str],
     step: str | None = None,
 ) -> SourcePlan:
     rank_dirs = find_rank_dirs(checkpoint_dir)
@@ -151,7 +150,8 @@ def build_source_plan(
     if extra:
         raise LayoutError(
             f"{strategy.source}: has strategy files for rank {extra[0]} and beyond, but the "
-            f"checkpoint has only {world} rank folders (strategy and checkpoint from different runs?)"
+            f"checkpoint has only {world} rank folders (strategy and checkpoint from different "
+            "runs?)"
         )
 
     files: list[SourceFile] = []

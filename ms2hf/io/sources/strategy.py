@@ -9,6 +9,7 @@ dimension) and the older flat form (SPEC section 2). The result is a per-stage m
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -226,7 +227,7 @@ def _parse_json(path: Path, data: bytes) -> StrategyFile:
     stage = None
     if not _is_merged(items):
         strategies = doc.get("parallel_strategy_item") or {}
-        first = next(iter(strategies.values()), {}) if isinstance(strategies, dict) else {}
+        first: object = next(iter(strategies.values()), {}) if isinstance(strategies, dict) else {}
         stage = first.get("stage", 0) if isinstance(first, dict) else 0
         if not isinstance(stage, int):
             raise FormatError(f"{path}: stage {stage!r} is not an integer")
@@ -240,8 +241,10 @@ def _parse_json(path: Path, data: bytes) -> StrategyFile:
         try:
             tensor_map = raw.get("tensor_map", [])
             entries = (
-                [tuple(_ints(e if isinstance(e, list) else [e], path, name, "tensor_map"))
-                 for e in tensor_map]
+                [
+                    tuple(_ints(e if isinstance(e, list) else [e], path, name, "tensor_map"))
+                    for e in tensor_map
+                ]
                 if any(isinstance(e, list) for e in tensor_map)
                 else [_ints(tensor_map, path, name, "tensor_map")]
             )
@@ -271,7 +274,7 @@ def read_strategy_file(path: Path) -> StrategyFile:
     return _parse_protobuf(path, data)
 
 
-def load_strategy(path: str | Path) -> Strategy:
+def load_strategy(path: str | os.PathLike[str]) -> Strategy:
     """Read a strategy folder (per-rank files, or merged ones) or a single merged file."""
     path = Path(path)
     if not path.exists():
@@ -279,9 +282,7 @@ def load_strategy(path: str | Path) -> Strategy:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".ckpt", ".json") and p.is_file())
         if not files:
-            raise FormatError(
-                f"{path}: strategy folder holds no .ckpt or .json strategy files"
-            )
+            raise FormatError(f"{path}: strategy folder holds no .ckpt or .json strategy files")
     else:
         files = [path]
 

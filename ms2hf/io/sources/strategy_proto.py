@@ -62,9 +62,10 @@ def _build() -> type[message.Message]:
                 field.type_name = f".{_PACKAGE}.{type_name}"
     pool = descriptor_pool.DescriptorPool()
     pool.Add(file_proto)
-    return message_factory.GetMessageClass(
+    cls: type[message.Message] = message_factory.GetMessageClass(
         pool.FindMessageTypeByName(f"{_PACKAGE}.ParallelStrategyMap")
     )
+    return cls
 
 
 ParallelStrategyMap = _build()

@@ -33,7 +33,9 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _strided_span(start: int, step: int, lo: int, hi: int, first: int, last: int) -> tuple[int, int]:
+def _strided_span(
+    start: int, step: int, lo: int, hi: int, first: int, last: int
+) -> tuple[int, int]:
     """Indices i in [first, last) with ``lo <= start + step * i < hi``, as a half-open range."""
     i0 = max(first, _ceil_div(lo - start, step))
     i1 = min(last, _ceil_div(hi - start, step))
@@ -63,7 +65,9 @@ def _fill_piece(
             # output row i <- source column col_start + i; output column j <- source row j
             c0 = max(piece.col_start + first, bc0)
             c1 = min(piece.col_start + last, bc0 + bcols)
-            j0, j1 = _strided_span(piece.row_start, piece.row_step, br0, br0 + brows, 0, piece.row_count)
+            j0, j1 = _strided_span(
+                piece.row_start, piece.row_step, br0, br0 + brows, 0, piece.row_count
+            )
             if c0 >= c1 or j0 >= j1:
                 continue
             src = _block_matrix(files, block, dtype)
@@ -80,7 +84,9 @@ def _fill_piece(
             src = _block_matrix(files, block, dtype)
             r0 = piece.row_start + piece.row_step * i0 - br0
             window = src[r0 : r0 + piece.row_step * (i1 - i0) : piece.row_step, c0 - bc0 : c1 - bc0]
-            cast_into(dst[i0 - first : i1 - first, c0 - piece.col_start : c1 - piece.col_start], window)
+            cast_into(
+                dst[i0 - first : i1 - first, c0 - piece.col_start : c1 - piece.col_start], window
+            )
 
 
 def fill_rows(

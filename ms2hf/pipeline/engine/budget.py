@@ -62,7 +62,9 @@ def format_size(n: float) -> str:
 
 def default_workers() -> int:
     """The CPUs this process may run on (its affinity, not the machine's count)."""
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return max(
+        1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
 
 
 @dataclass(frozen=True)

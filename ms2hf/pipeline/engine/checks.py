@@ -87,6 +87,7 @@ class FiniteCheck:
             self._warned.add(tensor.name)
         log.warning("warning: %s (--strict makes this an error)", what)
 
+
 CHUNK_BYTES = 4 * 2**20
 """The comparison's scratch is one boolean per byte of a chunk, never of a whole tensor."""
 
@@ -98,7 +99,6 @@ def first_difference(a: np.ndarray, b: np.ndarray) -> int | None:
         if not np.array_equal(x, y):
             return at + int(np.flatnonzero(x != y)[0])
     return None
-
 
 
 def _block_bytes(mapped: MappedFiles, param: SourceParam, block: Block) -> np.ndarray:
@@ -119,7 +119,8 @@ def check_replicas(source: SourcePlan, mapped: MappedFiles) -> int:
                 raise LayoutError(
                     f"parameter {param.name!r}: rank {replica.rank} ({replica.path}) and rank "
                     f"{block.rank} ({block.path}) hold different bytes for its block at offsets "
-                    f"{list(block.offsets)} (first at byte {at} of {read.size}); replicas must agree, "
+                    f"{list(block.offsets)} (first at byte {at} of {read.size}); replicas must "
+                    "agree, "
                     "so the rank files come from different saves or one is damaged"
                 )
             compared += 1

@@ -5,9 +5,9 @@ Each file's header is fixed before its first byte (the plan knows every name, dt
 so tensors can be written in any order and by any worker, and the bytes come out the same for
 any worker count. A file gets its final name once its last tensor is written; on any error every
 unfinished file is removed, so nothing with a final name is ever partial. The output folder is
-claimed first (``ms2hf.pipeline.engine.output_dir``): files a killed run of the same plan finished are
-verified and kept, each file committed now is recorded with its digest, and the small files
-that describe the set (the index last) are written only once every shard is in place.
+claimed first (``ms2hf.pipeline.engine.output_dir``): files a killed run of the same plan
+finished are verified and kept, each file committed now is recorded with its digest, and the
+small files that describe the set (the index last) are written only once every shard is in place.
 """
 
 from __future__ import annotations
@@ -119,7 +119,9 @@ class _Run:
                 self.failed = True
             raise
 
-    def _write_tensor(self, writer: ShardWriter, planned: PlannedTensor, buffer: np.ndarray) -> np.ndarray:
+    def _write_tensor(
+        self, writer: ShardWriter, planned: PlannedTensor, buffer: np.ndarray
+    ) -> np.ndarray:
         tensor = planned.tensor
         dtype = to_numpy(planned.dtype)
         buffer = fit_row(buffer, tensor, dtype)
@@ -160,9 +162,7 @@ def _fingerprint(
     doc = {
         "metadata": dict(metadata),
         "check": repr(check),
-        "files": [
-            [f.name, [[t.dtype, repr(t.tensor)] for t in f.tensors]] for f in files
-        ],
+        "files": [[f.name, [[t.dtype, repr(t.tensor)] for t in f.tensors]] for f in files],
         "sources": {
             name: [
                 params[name].dtype,
@@ -200,7 +200,9 @@ def write_files(
         if len(pending) < len(files):
             log.info(
                 "resuming: %d of %d file(s) already complete in %s (sizes and digests checked)",
-                len(files) - len(pending), len(files), out_dir,
+                len(files) - len(pending),
+                len(files),
+                out_dir,
             )
             progress.advance(sum(f.nbytes for f in files if f.name in output.finished))
         _execute(_Run(output, pending, layouts, params, budget, progress, mapped, check))
