@@ -86,6 +86,8 @@ def _to_hf_temporary(mc: dict[str, np.ndarray], config: dict) -> dict[str, np.nd
     if "lm_head.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied: a copy of the embedding
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
 # --- end of TEMPORARY
 
 
@@ -140,7 +142,9 @@ def test_moe_fi_accu_is_described_and_stored() -> None:
     fi = [k for k in mc if k.endswith("router.fi_accu")]
     assert len(fi) == 4 and all(mc[k].shape == (8,) and mc[k].dtype == np.float32 for k in fi)
     meta = json.loads((folder / "metadata.json").read_text())
-    assert not any(k.startswith(("adam_m.", "adam_v.")) and "fi_accu" in k for k in meta["state_dict_metadata"])
+    assert not any(
+        k.startswith(("adam_m.", "adam_v.")) and "fi_accu" in k for k in meta["state_dict_metadata"]
+    )
 
 
 def test_tied_fixture_has_no_head_and_one_embedding() -> None:
@@ -154,7 +158,14 @@ def test_tied_fixture_has_no_head_and_one_embedding() -> None:
 def test_storage_key_is_a_python_literal() -> None:
     assert parse_storage_key("('a.b', (12,))") == ("a.b", 12)
     assert parse_storage_key('("it\'s", (0,))') == ("it's", 0)
-    for bad in ["('a', 3)", "('a', (1, 2))", "['a', (1,)]", "('a', (True,))", "__import__('os')", "('a', (1,)"]:
+    for bad in [
+        "('a', 3)",
+        "('a', (1, 2))",
+        "['a', (1,)]",
+        "('a', (True,))",
+        "__import__('os')",
+        "('a', (1,)",
+    ]:
         with pytest.raises(Ckpt2Error):
             parse_storage_key(bad)
 
@@ -178,8 +189,11 @@ def test_iteration_choice(tmp_path: Path) -> None:
     assert select_iteration(root, 500).name == "iteration_00000500"
     with pytest.raises(Ckpt2Error, match="newer than the tracker"):
         select_iteration(_tree(tmp_path / "b", [500, 1000], "500"))
-    assert select_iteration(_tree(tmp_path / "c", [500, 1000], "500"), 1000).name == "iteration_00001000"
-    with pytest.raises(Ckpt2Error, match="no latest_checkpointed_iteration.txt"):
+    assert (
+        select_iteration(_tree(tmp_path / "c", [500, 1000], "500"), 1000).name
+        == "iteration_00001000"
+    )
+    with pytest.raises(Ckpt2Error, match=r"no latest_checkpointed_iteration\.txt"):
         select_iteration(_tree(tmp_path / "d", [1000], None))
     with pytest.raises(Ckpt2Error, match="is missing"):
         select_iteration(_tree(tmp_path / "e", [500], "1000"))
@@ -209,43 +223,94 @@ def _set_file(meta: dict, dst: Path, name: str) -> None:
 
 
 BAD = {
-    "path separator": (lambda m, d: _set_file(m, d, "../iteration_00001000/qwen3-model-0000000-0000004.safetensors"),
-                       "not a plain file name"),
+    "path separator": (
+        lambda m, d: _set_file(
+            m, d, "../iteration_00001000/qwen3-model-0000000-0000004.safetensors"
+        ),
+        "not a plain file name",
+    ),
     "absolute path": (lambda m, d: _set_file(m, d, "/etc/passwd"), "not a plain file name"),
     "dot-dot": (lambda m, d: _set_file(m, d, ".."), "not a plain file name"),
-    "missing file": (lambda m, d: _set_file(m, d, "qwen3-model-0000009-0000009.safetensors"), "is missing"),
-    "slice id out of range": (lambda m, d: m["state_dict_metadata"][QKV]["chunk"][1]["global_offset"].__setitem__(0, 2),
-                              "out of range"),
-    "slice listed twice": (lambda m, d: m["state_dict_metadata"][QKV]["chunk"][1]["global_offset"].__setitem__(0, 0),
-                           "listed twice"),
+    "missing file": (
+        lambda m, d: _set_file(m, d, "qwen3-model-0000009-0000009.safetensors"),
+        "is missing",
+    ),
+    "slice id out of range": (
+        lambda m, d: m["state_dict_metadata"][QKV]["chunk"][1]["global_offset"].__setitem__(0, 2),
+        "out of range",
+    ),
+    "slice listed twice": (
+        lambda m, d: m["state_dict_metadata"][QKV]["chunk"][1]["global_offset"].__setitem__(0, 0),
+        "listed twice",
+    ),
     "chunk missing": (lambda m, d: m["state_dict_metadata"][QKV]["chunk"].pop(), "do not tile"),
-    "indivisible grid": (lambda m, d: m["state_dict_metadata"][QKV].__setitem__("axis_fragmentations", [3, 1]),
-                         "not divisible"),
-    "grid longer than shape": (lambda m, d: m["state_dict_metadata"][QKV].__setitem__("axis_fragmentations",
-                                                                                     [2, 1, 2]), "does not fit"),
-    "local_shape wrong": (lambda m, d: m["state_dict_metadata"][QKV]["chunk"][0].__setitem__("local_shape", [64, 128]),
-                          "local_shape"),
-    "global_shape wrong": (lambda m, d: m["state_dict_metadata"][QKV].__setitem__("global_shape", [128, 128])
-                           or [c.__setitem__("local_shape", [64, 128]) for c in m["state_dict_metadata"][QKV]["chunk"]],
-                           "whole-tensor copies of the parameter differ"),
+    "indivisible grid": (
+        lambda m, d: m["state_dict_metadata"][QKV].__setitem__("axis_fragmentations", [3, 1]),
+        "not divisible",
+    ),
+    "grid longer than shape": (
+        lambda m, d: m["state_dict_metadata"][QKV].__setitem__("axis_fragmentations", [2, 1, 2]),
+        "does not fit",
+    ),
+    "local_shape wrong": (
+        lambda m, d: m["state_dict_metadata"][QKV]["chunk"][0].__setitem__(
+            "local_shape", [64, 128]
+        ),
+        "local_shape",
+    ),
+    "global_shape wrong": (
+        lambda m, d: (
+            m["state_dict_metadata"][QKV].__setitem__("global_shape", [128, 128])
+            or [
+                c.__setitem__("local_shape", [64, 128])
+                for c in m["state_dict_metadata"][QKV]["chunk"]
+            ]
+        ),
+        "whole-tensor copies of the parameter differ",
+    ),
     "stored shape neither slice nor whole": (
-        lambda m, d: m["state_dict_metadata"][QKV].update(global_shape=[256, 64], axis_fragmentations=[2, 1])
-        or [c.__setitem__("local_shape", [128, 64]) for c in m["state_dict_metadata"][QKV]["chunk"]],
-        "holds shape"),
-    "interleaved layout": (lambda m, d: m["state_dict_metadata"][QKV]["layout"].__setitem__("interleaved_parallel",
-                                                                                          True), "interleaved"),
-    "dtype wrong": (lambda m, d: m["state_dict_metadata"][QKV]["properties"].__setitem__("dtype", "BFloat16"),
-                    "metadata says BFloat16"),
+        lambda m, d: (
+            m["state_dict_metadata"][QKV].update(global_shape=[256, 64], axis_fragmentations=[2, 1])
+            or [
+                c.__setitem__("local_shape", [128, 64])
+                for c in m["state_dict_metadata"][QKV]["chunk"]
+            ]
+        ),
+        "holds shape",
+    ),
+    "interleaved layout": (
+        lambda m, d: m["state_dict_metadata"][QKV]["layout"].__setitem__(
+            "interleaved_parallel", True
+        ),
+        "interleaved",
+    ),
+    "dtype wrong": (
+        lambda m, d: m["state_dict_metadata"][QKV]["properties"].__setitem__("dtype", "BFloat16"),
+        "metadata says BFloat16",
+    ),
     "no storage record": (lambda m, d: m["storage_data"].pop(KEY0), "has no storage record"),
-    "record for unknown parameter": (lambda m, d: m["storage_data"].__setitem__("('nope', (0,))", [{}]),
-                                     "no such parameter"),
-    "key not a literal": (lambda m, d: m["storage_data"].__setitem__(m["storage_data"].pop(KEY0) and "x(", []),
-                          "not a Python literal"),
-    "tensor absent from file": (lambda m, d: _set_file(m, d, "qwen3-model-0000002-0000004.safetensors"),
-                                "holds no tensor"),
-    "replicas differ": (lambda m, d: m["storage_data"][KEY0].append(
-        {"file_name": "qwen3-model-0000001-0000004.safetensors", "storage_rank": 1, "rank_group": [0, 1]}),
-                        "replicas differ"),
+    "record for unknown parameter": (
+        lambda m, d: m["storage_data"].__setitem__("('nope', (0,))", [{}]),
+        "no such parameter",
+    ),
+    "key not a literal": (
+        lambda m, d: m["storage_data"].__setitem__(m["storage_data"].pop(KEY0) and "x(", []),
+        "not a Python literal",
+    ),
+    "tensor absent from file": (
+        lambda m, d: _set_file(m, d, "qwen3-model-0000002-0000004.safetensors"),
+        "holds no tensor",
+    ),
+    "replicas differ": (
+        lambda m, d: m["storage_data"][KEY0].append(
+            {
+                "file_name": "qwen3-model-0000001-0000004.safetensors",
+                "storage_rank": 1,
+                "rank_group": [0, 1],
+            }
+        ),
+        "replicas differ",
+    ),
 }
 
 
@@ -274,7 +339,7 @@ def test_whole_tensor_files_are_read_as_their_slices(tmp_path: Path) -> None:
 
 
 def test_one_card_folder_has_no_metadata(tmp_path: Path) -> None:
-    with pytest.raises(Ckpt2Error, match="no metadata.json"):
+    with pytest.raises(Ckpt2Error, match=r"no metadata\.json"):
         reassemble(tmp_path)
 
 

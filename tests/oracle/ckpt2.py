@@ -71,18 +71,24 @@ def select_iteration(checkpoint_dir: str | Path, iteration: int | None = None) -
         return found[iteration]
     tracker = root / TRACKER
     if not tracker.is_file():
-        raise Ckpt2Error(f"{root} has no {TRACKER}: name the iteration to read (found {sorted(found)})")
+        raise Ckpt2Error(
+            f"{root} has no {TRACKER}: name the iteration to read (found {sorted(found)})"
+        )
     text = tracker.read_text(encoding="utf-8").strip()
     if not text.isdigit():
         raise Ckpt2Error(f"{tracker} does not hold an iteration number: {text!r}")
     latest = int(text)
     if latest not in found:
-        raise Ckpt2Error(f"{tracker} names iteration {latest}, but iteration_{latest:08d} is missing")
+        raise Ckpt2Error(
+            f"{tracker} names iteration {latest}, but iteration_{latest:08d} is missing"
+        )
     newer = sorted(i for i in found if i > latest)
     if newer:
         raise Ckpt2Error(
-            f"iteration(s) {newer} are newer than the tracker's {latest}: a save in progress or one "
-            f"that died; name the iteration to read")
+            f"iteration(s) {newer} are newer than the tracker's {latest}: a save in progress or "
+            "one "
+            f"that died; name the iteration to read"
+        )
     return found[latest]
 
 
@@ -101,14 +107,21 @@ def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 def load_metadata(folder: Path) -> dict:
     path = Path(folder) / "metadata.json"
     if not path.is_file():
-        raise Ckpt2Error(f"{folder} has no metadata.json (a one-card save: the files hold whole tensors)")
+        raise Ckpt2Error(
+            f"{folder} has no metadata.json (a one-card save: the files hold whole tensors)"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise Ckpt2Error(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("state_dict_metadata"), dict) \
-            or not isinstance(meta.get("storage_data"), dict):
-        raise Ckpt2Error(f"{path}: expected an object with 'state_dict_metadata' and 'storage_data'")
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("state_dict_metadata"), dict)
+        or not isinstance(meta.get("storage_data"), dict)
+    ):
+        raise Ckpt2Error(
+            f"{path}: expected an object with 'state_dict_metadata' and 'storage_data'"
+        )
     return meta
 
 
@@ -118,18 +131,33 @@ def parse_storage_key(key: str) -> tuple[str, int]:
         value = ast.literal_eval(key)
     except (ValueError, SyntaxError):
         raise Ckpt2Error(f"storage_data key {key!r} is not a Python literal") from None
-    if (not isinstance(value, tuple) or len(value) != 2 or not isinstance(value[0], str)
-            or not isinstance(value[1], tuple) or len(value[1]) != 1
-            or type(value[1][0]) is not int):
+    if (
+        not isinstance(value, tuple)
+        or len(value) != 2
+        or not isinstance(value[0], str)
+        or not isinstance(value[1], tuple)
+        or len(value[1]) != 1
+        or type(value[1][0]) is not int
+    ):
         raise Ckpt2Error(f"storage_data key {key!r} is not of the form ('<name>', (<slice id>,))")
     return value[0], value[1][0]
 
 
 def check_file_name(name: object, where: str) -> str:
     """A record's file_name must be a plain file name inside the iteration folder."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
-            or "\\" in name or "\x00" in name or name.startswith("~") or re.match(r"^[A-Za-z]:", name)):
-        raise Ckpt2Error(f"{where}: file_name {name!r} is not a plain file name in the iteration folder")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or name.startswith("~")
+        or re.match(r"^[A-Za-z]:", name)
+    ):
+        raise Ckpt2Error(
+            f"{where}: file_name {name!r} is not a plain file name in the iteration folder"
+        )
     return name
 
 
@@ -139,7 +167,9 @@ def _ints(value: object, what: str, minimum: int) -> list[int]:
     return value
 
 
-def describe(name: str, entry: dict) -> tuple[list[int], list[int], list[int], dict[int, list[int]]]:
+def describe(
+    name: str, entry: dict
+) -> tuple[list[int], list[int], list[int], dict[int, list[int]]]:
     """Check one ``state_dict_metadata`` entry; return (global_shape, grid, local_shape,
     {slice id: element offsets})."""
     where = f"metadata.json parameter {name!r}"
@@ -150,10 +180,12 @@ def describe(name: str, entry: dict) -> tuple[list[int], list[int], list[int], d
         raise Ckpt2Error(f"{where}: interleaved_parallel layouts are not supported")
     shape = _ints(entry.get("global_shape"), f"{where} global_shape", 0)
     frags = _ints(entry.get("axis_fragmentations"), f"{where} axis_fragmentations", 1)
-    if len(frags) < len(shape) or any(f != 1 for f in frags[len(shape):]):
-        raise Ckpt2Error(f"{where}: axis_fragmentations {frags} does not fit global_shape {shape} "
-                         f"(only trailing 1s may exceed the rank)")
-    grid = frags[:len(shape)]
+    if len(frags) < len(shape) or any(f != 1 for f in frags[len(shape) :]):
+        raise Ckpt2Error(
+            f"{where}: axis_fragmentations {frags} does not fit global_shape {shape} "
+            f"(only trailing 1s may exceed the rank)"
+        )
+    grid = frags[: len(shape)]
     for d, (n, f) in enumerate(zip(shape, grid)):
         if n % f:
             raise Ckpt2Error(f"{where}: dim {d} of global_shape {shape} is not divisible by {f}")
@@ -173,14 +205,18 @@ def describe(name: str, entry: dict) -> tuple[list[int], list[int], list[int], d
         if not 0 <= sid < count:
             raise Ckpt2Error(f"{where}: slice id {sid} out of range 0..{count - 1} for grid {grid}")
         if chunk.get("local_shape") != local:
-            raise Ckpt2Error(f"{where}: chunk {sid} local_shape {chunk.get('local_shape')} != {local} "
-                             f"(global_shape / axis_fragmentations)")
+            raise Ckpt2Error(
+                f"{where}: chunk {sid} local_shape {chunk.get('local_shape')} != {local} "
+                f"(global_shape / axis_fragmentations)"
+            )
         if sid in offsets:
             raise Ckpt2Error(f"{where}: slice id {sid} listed twice")
         offsets[sid] = [i * n for i, n in zip(np.unravel_index(sid, grid) if grid else (), local)]
     if len(offsets) != count:
         missing = sorted(set(range(count)) - set(offsets))
-        raise Ckpt2Error(f"{where}: chunks do not tile global_shape {shape}: slice id(s) {missing} missing")
+        raise Ckpt2Error(
+            f"{where}: chunks do not tile global_shape {shape}: slice id(s) {missing} missing"
+        )
     return shape, grid, local, offsets
 
 
@@ -231,14 +267,18 @@ def reassemble(folder: str | Path, which: str = "model") -> dict[str, np.ndarray
 
     out: dict[str, np.ndarray] = {}
     for name, entry in meta["state_dict_metadata"].items():
-        shape, grid, local, offsets = describe(name, entry)
+        shape, _, local, offsets = describe(name, entry)
         recs = by_param.get(name, {})
         kinds = {_kind(r["file_name"]) for rs in recs.values() for r in rs}
         if len(kinds) > 1:
             raise Ckpt2Error(f"parameter {name!r}: stored in both model and optimizer files")
         if which != "all" and kinds and kinds != {which}:
             continue
-        dtype_name = entry.get("properties", {}).get("dtype") if isinstance(entry.get("properties"), dict) else None
+        dtype_name = (
+            entry.get("properties", {}).get("dtype")
+            if isinstance(entry.get("properties"), dict)
+            else None
+        )
         want = DTYPE_NAMES.get(str(dtype_name).lower())
         if want is None:
             raise Ckpt2Error(f"parameter {name!r}: unknown dtype {dtype_name!r}")
@@ -254,7 +294,9 @@ def reassemble(folder: str | Path, which: str = "model") -> dict[str, np.ndarray
                 where = f"parameter {name!r} slice {sid}"
                 t = tensor(rec["file_name"], name, where)
                 if t.dtype != DTYPES[want]:
-                    raise Ckpt2Error(f"{where}: {rec['file_name']} stores {t.dtype}, metadata says {dtype_name}")
+                    raise Ckpt2Error(
+                        f"{where}: {rec['file_name']} stores {t.dtype}, metadata says {dtype_name}"
+                    )
                 if list(t.shape) == local:
                     forms.add("slice")
                     pieces.append(t)
@@ -267,10 +309,14 @@ def reassemble(folder: str | Path, which: str = "model") -> dict[str, np.ndarray
                         raise Ckpt2Error(f"{where}: whole-tensor copies of the parameter differ")
                     pieces.append(t[region])
                 else:
-                    raise Ckpt2Error(f"{where}: {rec['file_name']} holds shape {list(t.shape)}, expected "
-                                     f"the slice {local} or the whole {shape}")
+                    raise Ckpt2Error(
+                        f"{where}: {rec['file_name']} holds shape {list(t.shape)}, expected "
+                        f"the slice {local} or the whole {shape}"
+                    )
             if len(forms) > 1 and local != shape:
-                raise Ckpt2Error(f"parameter {name!r}: some files hold slices, others the whole tensor")
+                raise Ckpt2Error(
+                    f"parameter {name!r}: some files hold slices, others the whole tensor"
+                )
             first = pieces[0]
             for p in pieces[1:]:
                 if p.tobytes() != first.tobytes():
@@ -280,7 +326,9 @@ def reassemble(folder: str | Path, which: str = "model") -> dict[str, np.ndarray
             full[region] = first
         extra = set(recs) - set(offsets)
         if extra:
-            raise Ckpt2Error(f"parameter {name!r}: storage records for undescribed slice ids {sorted(extra)}")
+            raise Ckpt2Error(
+                f"parameter {name!r}: storage records for undescribed slice ids {sorted(extra)}"
+            )
         out[name] = full
     return out
 
@@ -291,4 +339,3 @@ def _kind(file_name: str) -> str:
     if OPT_FILE.fullmatch(file_name):
         return "opt"
     raise Ckpt2Error(f"file_name {file_name!r} is neither a -model- nor an -opt- file")
-

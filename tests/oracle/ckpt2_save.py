@@ -22,10 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
-MS_DTYPE = {"float32": "Float32", "bfloat16": "BFloat16", "float16": "Float16", "int32": "Int32",
-            "int64": "Int64"}
+MS_DTYPE = {
+    "float32": "Float32",
+    "bfloat16": "BFloat16",
+    "float16": "Float16",
+    "int32": "Int32",
+    "int64": "Int64",
+}
 ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int32": "I32", "int64": "I64"}
-BITS = {"Float32": 32, "BFloat16": 16, "Float16": 16, "Int32": 32, "Int64": 64}  # mindformers' size table
+BITS = {
+    "Float32": 32,
+    "BFloat16": 16,
+    "Float16": 16,
+    "Int32": 32,
+    "Int64": 64,
+}  # mindformers' size table
 
 
 @dataclass
@@ -35,9 +46,9 @@ class Parallel:
     pp: int = 1
     ep: int = 1
     cp: int = 1
-    opt_shard: bool = False        # enable_parallel_optimizer with optimizer_weight_shard_size -1
-    dedup: bool = False            # remove_redundancy
-    prefix: str | None = "qwen3"   # None: files are named model-... / opt-...
+    opt_shard: bool = False  # enable_parallel_optimizer with optimizer_weight_shard_size -1
+    dedup: bool = False  # remove_redundancy
+    prefix: str | None = "qwen3"  # None: files are named model-... / opt-...
 
     @property
     def per_stage(self) -> int:
@@ -51,25 +62,30 @@ class Parallel:
 @dataclass
 class Layout:
     device_matrix: list[int]
-    tensor_map: list          # per tensor dim: an int (one axis, -1 none) or a list of axes
+    tensor_map: list  # per tensor dim: an int (one axis, -1 none) or a list of axes
     alias_name: list[str]
     rank_list: list[int]
 
     def to_json(self) -> dict:
-        return {"device_matrix": self.device_matrix, "tensor_map": self.tensor_map,
-                "interleaved_parallel": False, "alias_name": self.alias_name, "rank_list": self.rank_list}
+        return {
+            "device_matrix": self.device_matrix,
+            "tensor_map": self.tensor_map,
+            "interleaved_parallel": False,
+            "alias_name": self.alias_name,
+            "rank_list": self.rank_list,
+        }
 
 
 @dataclass
 class Param:
     name: str
     shape: list[int]
-    dtype: str                # numpy-ish name: float32, bfloat16, ...
+    dtype: str  # numpy-ish name: float32, bfloat16, ...
     stage: int
     layout: Layout
-    trainable: bool = True    # has adam_m./adam_v. states
+    trainable: bool = True  # has adam_m./adam_v. states
     grid: list[int] = field(default_factory=list)
-    slice_of_rank: list[int] = field(default_factory=list)   # by local rank
+    slice_of_rank: list[int] = field(default_factory=list)  # by local rank
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -82,7 +98,9 @@ def _kind(name: str) -> str:
         return "expert"
     if name.endswith("router.weight"):
         return "router"
-    if name.endswith(("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")):
+    if name.endswith(
+        ("linear_qkv.weight", "linear_fc1.weight", "word_embeddings.weight", "output_layer.weight")
+    ):
         return "column"
     if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
         return "row"
@@ -158,14 +176,28 @@ def plan_qwen3(tensors: dict[str, np.ndarray], par: Parallel, num_layers: int) -
             stage = par.pp - 1
         t = tensors[name]
         trainable = not name.endswith("router.fi_accu")
-        p = Param(name, list(t.shape), t.dtype.name, stage,
-                  layout_for(name, list(t.shape), par, stage), trainable)
+        p = Param(
+            name,
+            list(t.shape),
+            t.dtype.name,
+            stage,
+            layout_for(name, list(t.shape), par, stage),
+            trainable,
+        )
         shard(p)
         out.append(p)
         if trainable:
             for state in ("adam_m.", "adam_v."):
-                s = Param(state + name, p.shape, tensors[state + name].dtype.name, stage, p.layout,
-                          True, p.grid, p.slice_of_rank)
+                s = Param(
+                    state + name,
+                    p.shape,
+                    tensors[state + name].dtype.name,
+                    stage,
+                    p.layout,
+                    True,
+                    p.grid,
+                    p.slice_of_rank,
+                )
                 out.append(s)
     return out
 
@@ -179,18 +211,27 @@ def _shard_key(name: str, sid: int) -> str:
     return str((name, (sid,)))
 
 
-def save(root: Path, iteration: int, tensors: dict[str, np.ndarray], par: Parallel, num_layers: int,
-         common: dict, scalars: dict[str, np.ndarray] | None = None) -> Path:
+def save(
+    root: Path,
+    iteration: int,
+    tensors: dict[str, np.ndarray],
+    par: Parallel,
+    num_layers: int,
+    common: dict,
+    scalars: dict[str, np.ndarray] | None = None,
+) -> Path:
     """Write ``root/latest_checkpointed_iteration.txt`` and ``root/iteration_XXXXXXXX/`` as
     mindformers does. ``tensors``: full model parameters and their ``adam_m.``/``adam_v.`` states;
-    ``scalars``: what a normal save's optimizer files also hold (``learning_rate``, ``global_step``)."""
+    ``scalars``: what a normal save's optimizer files also hold (``learning_rate``,
+    ``global_step``)."""
     params = plan_qwen3(tensors, par, num_layers)
     model_keys = {p.name for p in params if not p.name.startswith(("adam_m.", "adam_v."))}
     n = par.per_stage
     # what each global rank holds, in its reporting order: [(param, slice id)]
     held: dict[int, list[tuple[Param, int]]] = {
         r: [(p, p.slice_of_rank[r - p.stage * n]) for p in params if p.stage == r // n]
-        for r in range(par.world)}
+        for r in range(par.world)
+    }
     holders: dict[str, list[int]] = defaultdict(list)
     name_of: dict[str, str] = {}
     for r in range(par.world):
@@ -211,14 +252,21 @@ def save(root: Path, iteration: int, tensors: dict[str, np.ndarray], par: Parall
                     replica.append(counts[s])
                     counts[s] += 1
                 sdm[p.name] = {
-                    "properties": {"dtype": MS_DTYPE[p.dtype], "replica_id": replica,
-                                   "allow_shape_mismatch": False, "allow_to_save": True},
-                    "global_shape": p.shape, "axis_fragmentations": p.grid,
-                    "layout": p.layout.to_json(), "chunk": [chunk]}
+                    "properties": {
+                        "dtype": MS_DTYPE[p.dtype],
+                        "replica_id": replica,
+                        "allow_shape_mismatch": False,
+                        "allow_to_save": True,
+                    },
+                    "global_shape": p.shape,
+                    "axis_fragmentations": p.grid,
+                    "layout": p.layout.to_json(),
+                    "chunk": [chunk],
+                }
             elif chunk not in sdm[p.name]["chunk"]:
                 sdm[p.name]["chunk"].append(chunk)
 
-    files: dict[str, list[tuple[Param, int]]] = {}   # file name -> [(param, slice id)]
+    files: dict[str, list[tuple[Param, int]]] = {}  # file name -> [(param, slice id)]
     storage: dict[str, list[dict]] = {}
     if not par.dedup:
         for r in range(par.world):
@@ -228,22 +276,29 @@ def save(root: Path, iteration: int, tensors: dict[str, np.ndarray], par: Parall
                 files.setdefault(fname, []).append((p, sid))
                 key = _shard_key(p.name, sid)
                 storage.setdefault(key, []).append(
-                    {"file_name": fname, "storage_rank": r, "rank_group": holders[key]})
+                    {"file_name": fname, "storage_rank": r, "rank_group": holders[key]}
+                )
     else:
         for kind in ("model", "opt"):
-            side = {k: v for k, v in holders.items()
-                    if (name_of[k] in model_keys) == (kind == "model")}
+            side = {
+                k: v for k, v in holders.items() if (name_of[k] in model_keys) == (kind == "model")
+            }
             sizes = {}
             tensor_of = {}
             for r in range(par.world):
                 for p, sid in held[r]:
                     key = _shard_key(p.name, sid)
                     if key in side and key not in sizes:
-                        sizes[key] = math.prod(s // g for s, g in zip(p.shape, p.grid)) * BITS[MS_DTYPE[p.dtype]]
+                        sizes[key] = (
+                            math.prod(s // g for s, g in zip(p.shape, p.grid))
+                            * BITS[MS_DTYPE[p.dtype]]
+                        )
                         tensor_of[key] = (p, sid)
             load = dict.fromkeys(range(par.world), 0)
             assignment: dict[int, dict[str, list[int]]] = {}
-            for key, ranks in sorted(side.items(), key=lambda kv: (len(kv[1]), -sizes[kv[0]], kv[0])):
+            for key, ranks in sorted(
+                side.items(), key=lambda kv: (len(kv[1]), -sizes[kv[0]], kv[0])
+            ):
                 ranks = sorted(ranks)
                 chosen = min(ranks, key=lambda x: load[x])
                 assignment.setdefault(chosen, {})[key] = ranks
@@ -258,16 +313,21 @@ def save(root: Path, iteration: int, tensors: dict[str, np.ndarray], par: Parall
     folder = Path(root) / f"iteration_{iteration:08d}"
     folder.mkdir(parents=True, exist_ok=True)
     for fname, items in files.items():
-        entries = {p.name: np.ascontiguousarray(tensors[p.name][_region(p, sid)]) for p, sid in items}
+        entries = {
+            p.name: np.ascontiguousarray(tensors[p.name][_region(p, sid)]) for p, sid in items
+        }
         order = sorted(entries)
         if scalars and not par.dedup and "-opt-" in fname:
             entries.update(scalars)
             order += list(scalars)
         write_safetensors(folder / fname, {k: entries[k] for k in order})
-    (folder / "common.json").write_text(json.dumps(common, ensure_ascii=False, indent=4), encoding="utf-8")
+    (folder / "common.json").write_text(
+        json.dumps(common, ensure_ascii=False, indent=4), encoding="utf-8"
+    )
     meta = {"state_dict_metadata": sdm, "storage_data": storage}
-    (folder / "metadata.json").write_text(json.dumps(meta, ensure_ascii=False, separators=(",", ":")),
-                                          encoding="utf-8")
+    (folder / "metadata.json").write_text(
+        json.dumps(meta, ensure_ascii=False, separators=(",", ":")), encoding="utf-8"
+    )
     (Path(root) / "latest_checkpointed_iteration.txt").write_text(str(iteration), encoding="utf-8")
     return folder
 
@@ -279,8 +339,11 @@ def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     start = 0
     for name, t in tensors.items():
         nbytes = t.nbytes
-        header[name] = {"dtype": ST_DTYPE[t.dtype.name], "shape": list(t.shape),
-                        "data_offsets": [start, start + nbytes]}
+        header[name] = {
+            "dtype": ST_DTYPE[t.dtype.name],
+            "shape": list(t.shape),
+            "data_offsets": [start, start + nbytes],
+        }
         start += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
