@@ -303,7 +303,7 @@ def test_non_default_layouts_are_honoured_from_the_yaml(
     g = generate(config, tmp_path / "run")
     expected = load_tensors(g.expected)
 
-    # merge keeps the fused weights in the trained layout, which SPEC section 4 spells out
+    # merge keeps the fused weights in the trained layout, which ``docs/qwen3.md`` spells out
     code, err = run(capsys, *merge_argv(g.root, tmp_path / "m"), "--config", g.train_yaml)
     assert code == 0, err
     unified = tmp_path / "m" / "1000_1_ckpt_convert" / "unified_safe"

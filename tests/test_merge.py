@@ -1,5 +1,5 @@
 """``merge``: the unified folder holds exactly the model's parameters, bit for bit, in MindSpore's
-layout (SPEC section 8), and never touches what it did not write."""
+layout (``docs/old-tools.md``), and never touches what it did not write."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _interleave_rows(*parts: np.ndarray) -> np.ndarray:
 def fused_qkv(
     q: np.ndarray, k: np.ndarray, v: np.ndarray, config: dict, contiguous: bool
 ) -> np.ndarray:
-    """``linear_qkv`` as SPEC section 4 lays it out: ``[q; k; v]``, or per query group."""
+    """``linear_qkv`` as ``docs/qwen3.md`` lays it out: ``[q; k; v]``, or per query group."""
     if contiguous:
         return np.concatenate([q, k, v])
     d, ng = config["head_dim"], config["num_key_value_heads"]
@@ -62,7 +62,7 @@ def fused_qkv(
 
 
 def fused_fc1(gate: np.ndarray, up: np.ndarray, interleaved: bool) -> np.ndarray:
-    """``linear_fc1`` as SPEC section 4 lays it out: alternating rows, or ``[gate; up]``."""
+    """``linear_fc1`` as ``docs/qwen3.md`` lays it out: alternating rows, or ``[gate; up]``."""
     return _interleave_rows(gate, up) if interleaved else np.concatenate([gate, up])
 
 
@@ -73,7 +73,8 @@ def ms_params(
     interleaved_fc1: bool = True,
 ) -> dict[str, np.ndarray]:
     """The full MindSpore Transformers parameters, rebuilt from Hugging Face tensors by the
-    inverse of SPEC sections 4 and 5, written out here independently of ms2hf's rules."""
+    inverse of ``docs/qwen3.md`` and ``docs/qwen3-moe.md``, written out here independently of
+    ms2hf's rules."""
     out = {
         "embedding.word_embeddings.weight": hf["model.embed_tokens.weight"],
         "decoder.final_layernorm.weight": hf["model.norm.weight"],

@@ -299,7 +299,7 @@ def _moe_arrays(
 
 
 def _expected_mlp(arrays: Mapping[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
-    """SPEC sections 4 and 5, written out with numpy slicing."""
+    """``docs/qwen3.md`` and ``docs/qwen3-moe.md``, written out with numpy slicing."""
     out = {}
     for i in range(layers):
         p, q = f"decoder.layers.{i}.mlp.", f"model.layers.{i}.mlp."

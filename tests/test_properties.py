@@ -94,7 +94,7 @@ def moe_runs(draw: st.DrawFn) -> GeneratorConfig:
 
 
 def cast(want: np.ndarray, dtype: str) -> np.ndarray:
-    """SPEC section 6: widening is exact, then one round to nearest even into the target."""
+    """``docs/casts.md``: widening is exact, then one round to nearest even into the target."""
     return want if dtype == "source" else want.astype(np.float32).astype(CAST[dtype])
 
 

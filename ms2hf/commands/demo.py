@@ -2,7 +2,7 @@
 
 It lets the README's first command prove the tool on a fresh machine with nothing else installed
 (no MindSpore, no model download). The expected tensors come from the generator, not from the
-converter, and the check casts them by SPEC section 6 on its own, so a wrong layout, placement or
+converter, and the check casts them by ``docs/casts.md`` on its own, so a wrong layout, placement or
 cast shows up as a mismatch and a non-zero exit.
 """
 

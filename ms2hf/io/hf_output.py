@@ -18,7 +18,8 @@ from ms2hf.io.safetensors_writer import temporary_name
 
 HF_INDEX = "model.safetensors.index.json"
 HF_METADATA = {"format": "pt"}
-"""Every Hugging Face shard's ``__metadata__`` (SPEC 7), as transformers' own files carry."""
+"""Every Hugging Face shard's ``__metadata__``, as transformers' own files carry
+(``docs/hf-output.md#shards``)."""
 
 
 @contextmanager

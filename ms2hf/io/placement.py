@@ -1,4 +1,4 @@
-"""Which block of a parameter a rank holds (SPEC section 3), from its layout alone.
+"""Which block of a parameter a rank holds (``docs/layout-math.md``), from its layout alone.
 
 A layout cuts every tensor dim into equal parts: dim i into ``ts_i`` by the dev axes its
 TensorMap names, and dim 0 further into ``eff`` optimizer chunks when optimizer sharding is on.

@@ -1,8 +1,9 @@
 """A strict safetensors header reader.
 
 ``safetensors.numpy`` cannot read BF16 and loads whole tensors; a converter needs neither. This
-reader parses the header itself and enforces every rule of the format (SPEC section 1) with an
-error that names the file, so that a plan can be built from headers alone. The bytes are read
+reader parses the header itself and enforces every rule of the format
+(``docs/legacy-format.md#safetensors-rules``) with an error that names the file, so that a plan
+can be built from headers alone. The bytes are read
 later, through ``ms2hf.io.mapped``.
 """
 

@@ -1,4 +1,5 @@
-"""The unified checkpoint folder MindSpore's ``unified_safetensors`` writes (SPEC section 8).
+"""The unified checkpoint folder MindSpore's ``unified_safetensors`` writes
+(``docs/old-tools.md#unified-folder``).
 
 ``part{i}.safetensors`` (0-based, as MindSpore numbers them) hold whole parameters in their
 training dtypes, ``param_name_map.json`` says which part holds each, ``hyper_param.safetensors``

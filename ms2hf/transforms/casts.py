@@ -1,4 +1,4 @@
-"""Output dtypes and the casts into them (SPEC section 6).
+"""Output dtypes and the casts into them (``docs/casts.md``).
 
 numpy's cast into ``ml_dtypes.bfloat16`` is round-to-nearest-even on the bit pattern and keeps
 NaN a NaN, which is exactly the rule; fp16 is IEEE round-to-nearest-even with overflow to inf.

@@ -2,8 +2,9 @@
 
 Reads protobuf (``.ckpt``) and JSON files, one per rank or merged over stages (names prefixed
 ``"{stage}-"``), in both the Layout form MindSpore Transformers writes (one TensorMap per tensor
-dimension) and the older flat form (SPEC section 2). The result is a per-stage map of
-``Layout`` values; what a layout means for a rank's slice is ``ms2hf.io.placement``'s job.
+dimension) and the older flat form (``docs/legacy-format.md#strategy-files``). The result is a
+per-stage map of ``Layout`` values; what a layout means for a rank's slice is
+``ms2hf.io.placement``'s job.
 """
 
 from __future__ import annotations

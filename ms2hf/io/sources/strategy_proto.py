@@ -1,9 +1,9 @@
 """The ``mindspore.straspb`` protobuf schema, built at import time from its field list.
 
 MindSpore ships this schema compiled into its own package; we only need the protobuf runtime.
-Declaring the messages as a ``FileDescriptorProto`` keeps the schema readable next to SPEC
-section 2, needs no ``protoc`` step, and gives both the decoder (for users' files) and the encoder
-(for the checkpoint generator) from one definition.
+Declaring the messages as a ``FileDescriptorProto`` keeps the schema readable next to
+``docs/legacy-format.md#protobuf-schema``, needs no ``protoc`` step, and gives both the decoder
+(for users' files) and the encoder (for the checkpoint generator) from one definition.
 """
 
 from __future__ import annotations
