@@ -10,8 +10,7 @@ import pytest
 
 from ms2hf.cli import main
 from ms2hf.commands.merge import MergeOptions, merge
-from ms2hf.io.dtypes import to_numpy
-from ms2hf.io.safetensors_reader import SafetensorsHeader
+from tests.oracle.files import read_tensors
 
 DATA = Path(__file__).parent / "data"
 DENSE_FIXTURES = [
@@ -25,16 +24,9 @@ EXPECTED_DTYPE = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.flo
 
 
 def load_tensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file, BF16 included, read independently of ms2hf's executor."""
-    header = SafetensorsHeader(path)
-    raw = path.read_bytes()
-    out = {}
-    for name, info in header.tensors.items():
-        dtype = to_numpy(info.dtype)
-        out[name] = np.frombuffer(raw, dtype, info.nbytes // dtype.itemsize, info.start).reshape(
-            info.shape
-        )
-    return out
+    """Every tensor of a safetensors file, BF16 included, read by the ``safetensors`` library
+    itself (``tests/oracle/files.py``), not by ms2hf's reader."""
+    return read_tensors(path)
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
