@@ -1,16 +1,33 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from ms2hf.cli import main
 from ms2hf.commands.merge import MergeOptions, merge
 from tests.oracle.files import read_tensors
+
+# Property and fuzz tests: derandomized by default, so a CI run is the same run every time and
+# a failure reproduces; HYPOTHESIS_PROFILE=thorough explores with fresh random examples, many more
+# of them (``examples`` scales each test's count), for a run on demand.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile("thorough", derandomize=False, deadline=None)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+THOROUGH_FACTOR = 20
+
+
+def examples(n: int) -> int:
+    """A property test's example count: ``n`` in CI, ``THOROUGH_FACTOR`` times more on demand."""
+    return n * THOROUGH_FACTOR if PROFILE == "thorough" else n
+
 
 DATA = Path(__file__).parent / "data"
 DENSE_FIXTURES = [

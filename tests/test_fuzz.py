@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,21 +20,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.errors import Ms2hfError
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.safetensors_writer import TensorEntry, layout_shard
 from ms2hf.io.sources.legacy import plan_source
 from ms2hf.io.sources.strategy_proto import ParallelStrategyMap
 from ms2hf.transforms.registry import hf_model
-from tests.conftest import DATA
+from tests.conftest import DATA, examples, load_hf_dir, load_tensors
 from tests.edit_checkpoint import split
 
 FIXTURE = DATA / "tiny_fp32"
 RANKS = 4
 FUZZ = settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+    max_examples=examples(80),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    database=None,
 )
-SECONDS_PER_EXAMPLE = 2.0
+SECONDS_PER_EXAMPLE = 5.0
 
 
 def only_our_errors(action: Callable[[], object]) -> None:
@@ -139,9 +144,21 @@ def test_random_safetensors_headers(scratch: Path, header: Any, data: bytes) -> 
 # --- through the planner: one rank file or one strategy file damaged --------------------------
 
 
+TRUTH = load_tensors(FIXTURE / "ground_truth" / "hf_model.safetensors")
+
+
 def plan(root: Path, strategy: Path) -> None:
+    """Plan and convert a damaged checkpoint: either ms2hf refuses it, or what it writes is the
+    ground truth. Damage that planning accepts must not become a different model silently."""
     source = plan_source(root / "checkpoint", strategy)
     hf_model({name: p.shape for name, p in source.params.items()}, {}, "BF16")
+    with tempfile.TemporaryDirectory() as out:
+        options = ConvertOptions(dtype="source", progress=False, workers=1)
+        convert(None, out, options, checkpoint_dir=root / "checkpoint", strategy_dir=strategy)
+        got = load_hf_dir(Path(out))
+    assert sorted(got) == sorted(TRUTH)
+    for name, want in TRUTH.items():
+        assert got[name].dtype == want.dtype and got[name].tobytes() == want.tobytes(), name
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from tests.conftest import (
     DATA,
     MOE_FIXTURES,
     assert_matches_ground_truth,
+    examples,
     load_hf_dir,
     load_tensors,
 )
@@ -192,7 +193,7 @@ def test_expert_rules_element_by_element(tmp_path: Path) -> None:
                 assert down[h, j] == w2[e * ffn + j, h]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     experts=st.integers(1, 4),
     hidden=st.sampled_from([2, 4, 6]),

@@ -18,7 +18,7 @@ from ms2hf.generator import GeneratorConfig, MoeConfig, generate
 from ms2hf.generator.network import model_spec
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
-from tests.conftest import load_hf_dir, load_tensors
+from tests.conftest import examples, load_hf_dir, load_tensors
 
 CAST = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 
@@ -118,13 +118,13 @@ def assert_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
 DTYPES = st.sampled_from(["bf16", "fp16", "fp32", "source"])
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(run=training_runs(), dtype=DTYPES)
 def test_any_generated_run_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
     assert_converts_exactly(run, dtype)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(run=moe_runs(), dtype=DTYPES)
 def test_any_generated_moe_run_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
     assert_converts_exactly(run, dtype)

@@ -17,6 +17,7 @@ from ms2hf.io import writeback
 from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
 from ms2hf.io.shard_digest import PAGE_BYTES, TensorChecksum, file_digest
 from ms2hf.pipeline.engine.budget import MAX_BAND_BYTES, MemoryBudget
+from tests.conftest import examples
 
 
 def _checksum(*pieces: bytes) -> int:
@@ -30,7 +31,7 @@ def _data(n: int, seed: int = 0) -> bytes:
     return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     size=st.integers(0, 5 * PAGE_BYTES + 13),
     cuts=st.lists(st.integers(0, 5 * PAGE_BYTES + 13), max_size=6),
