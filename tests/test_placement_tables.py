@@ -13,6 +13,13 @@ words:
   ``N // prod(ts)``; the replica group of ``l`` = the local ranks with ``l``'s coordinates on
   every axis the tensor map uses, ascending; ``pos`` = index of ``l`` in it; ``k = pos % eff``.
 
+Why ``k = pos % eff`` when the shard size is smaller than the group (no genuine fixture shows
+it): MindSpore's ``OperatorInfo::CreateGroupForOptShard`` cuts the replica group into
+consecutive all-gather groups of ``size`` ranks (its comment: ``[0, 8, 16, 24] -> [0, 8],
+[16, 24]``), and ``_load_tensor_by_layout`` gives a rank ``np.split(block, size)[rank in that
+group]``, i.e. chunk ``pos % size``. It refuses to shard a parameter whose group size is not a
+multiple of ``size`` (and writes no step/size for a group of one rank).
+
 MindSpore Transformers' matrices: ``[dp, cp, tp]`` (cp = 1) for embedding, attention, norms and
 dense MLP, so TensorMap axis 0 is tp, 1 is cp, 2 is dp; ``(devices / ep, ep)`` for a MoE layer's
 router and experts, axis 0 being ep. ``opt_weight_shard_step`` is ``(g[-1] - g[0]) / (len(g) - 1)``

@@ -271,7 +271,7 @@ def _is_parameter(name: str) -> bool:
 
 @dataclass
 class _Param:
-    """A parameter being filled: its values, which elements are set, and who set them."""
+    """A parameter being filled: its values and which of its elements are set."""
 
     full: np.ndarray
     filled: np.ndarray
