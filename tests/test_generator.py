@@ -22,6 +22,9 @@ from ms2hf.io.config_files import read_train_config
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.strategy import load_strategy
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, load_tensors
+from tests.oracle.convert import hf_tensors
+from tests.oracle.convert import mismatches as oracle_mismatches
+from tests.oracle.files import read_tensors
 
 FIXTURES = DENSE_FIXTURES + MOE_FIXTURES
 
@@ -83,6 +86,8 @@ def test_rank_files_match_the_fixture_structure(name: str, tmp_path: Path) -> No
         assert [(t.name, t.dtype, t.shape) for t in got.tensors.values()] == [
             (t.name, t.dtype, t.shape) for t in want.tensors.values()
         ], f"rank {rank}"
+    # The values in them are where SPEC says, by the independent oracle.
+    assert oracle_mismatches(hf_tensors(generated.root), read_tensors(generated.expected)) == []
 
 
 @pytest.mark.parametrize("name", FIXTURES)
@@ -145,6 +150,8 @@ def test_expected_tensors_do_not_depend_on_the_parallel_layout(
         tmp_path / "split",
     )
     assert split.expected.read_bytes() == single.expected.read_bytes()
+    for run in (single, split):  # and the rank files hold them, by the independent oracle
+        assert oracle_mismatches(hf_tensors(run.root), read_tensors(run.expected)) == []
     other_seed = generate(replace(one_device, seed=8), tmp_path / "other")
     assert other_seed.expected.read_bytes() != single.expected.read_bytes()
 
@@ -254,6 +261,7 @@ def test_given_weights_are_the_model_written(tmp_path: Path) -> None:
     out = tmp_path / "hf"
     convert(made.root, out, ConvertOptions(dtype="source", progress=False, config=made.train_yaml))
     assert mismatches(out, made.expected, "source") == []
+    assert oracle_mismatches(hf_tensors(made.root), read_tensors(made.expected)) == []
     # The router's statistic is no Hugging Face tensor: still drawn from the seed.
     statistic = "decoder.layers.0.mlp.router.fi_accu"
     held = [(load_tensors(a), load_tensors(b)) for a, b in zip(drawn.rank_files, made.rank_files)]
@@ -320,6 +328,11 @@ def test_layout_flags_change_the_rank_files_but_not_the_expected_tensors(tmp_pat
     assert "model.layers.0.self_attn.q_proj.weight" in wrong
     assert "model.layers.0.mlp.gate_proj.weight" in wrong
     assert "model.layers.0.self_attn.o_proj.weight" not in wrong
+    # The independent oracle reads the flagged layouts as SPEC section 4 describes them.
+    expected = read_tensors(flagged.expected)
+    flags = {"contiguous_qkv": True, "interleaved_fc1": False}
+    assert oracle_mismatches(hf_tensors(flagged.root, **flags), expected) == []
+    assert oracle_mismatches(hf_tensors(flagged.root), expected) == wrong
 
 
 @pytest.mark.parametrize(

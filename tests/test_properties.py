@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ms2hf.commands.convert import ConvertOptions, convert
@@ -19,6 +20,7 @@ from ms2hf.generator.network import model_spec
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
 from tests.conftest import examples, load_hf_dir, load_tensors
+from tests.oracle.convert import hf_tensors, mismatches
 
 CAST = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 
@@ -99,6 +101,9 @@ def cast(want: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def assert_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
+    """ms2hf's conversion equals the generator's expected tensors and, since the generator
+    cuts its rank files with ms2hf's own rules and placement, also the independent oracle's
+    reading of the generated rank files (tests/oracle)."""
     with tempfile.TemporaryDirectory() as tmp:
         generated = generate(run, Path(tmp) / "training")
         out = Path(tmp) / "hf"
@@ -113,19 +118,47 @@ def assert_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
             want = cast(want, dtype)
             assert (got[name].dtype, got[name].shape) == (want.dtype, want.shape), name
             assert got[name].tobytes() == want.tobytes(), name
+        oracle = hf_tensors(
+            generated.root,
+            dtype,
+            contiguous_qkv=run.contiguous_qkv,
+            interleaved_fc1=run.interleaved_fc1,
+        )
+        assert mismatches(got, oracle) == []
 
 
 DTYPES = st.sampled_from(["bf16", "fp16", "fp32", "source"])
 
 
+TINY = GeneratorConfig(layers=2, hidden=16, heads=4, groups=2, head_dim=4, ffn=8, vocab=16)
+"""A small model for the fixed examples: the layouts the genuine fixtures do not cover are
+tried on every run, not only when Hypothesis happens to draw them."""
+
+
 @settings(max_examples=examples(25), deadline=None)
 @given(run=training_runs(), dtype=DTYPES)
+# Optimizer shard size 2 smaller than a replica group of 4 (norms; every weight at DP4 TP1).
+@example(run=replace(TINY, tp=2, dp=2, opt_shard=2), dtype="bf16")
+@example(run=replace(TINY, dp=4, opt_shard=2, remove_redundancy=True), dtype="source")
+# TP4 (norms optimizer-sharded over 4), DP3 with shard size -1.
+@example(run=replace(TINY, tp=4, pp=2, opt_shard=-1, dtype="bf16"), dtype="fp32")
+@example(run=replace(TINY, tp=2, dp=3, opt_shard=-1, tied=True), dtype="fp16")
 def test_any_generated_run_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
     assert_converts_exactly(run, dtype)
 
 
 @settings(max_examples=examples(15), deadline=None)
 @given(run=moe_runs(), dtype=DTYPES)
+# EP4 on a (1, 4) matrix, the router optimizer-sharded by 2 over its group of 4.
+@example(
+    run=replace(TINY, tp=2, dp=2, opt_shard=2, moe=MoeConfig(experts=4, moe_ffn=4, ep=4)),
+    dtype="bf16",
+)
+# EP4 on a (2, 4) matrix, experts optimizer-sharded over the two ranks of each group.
+@example(
+    run=replace(TINY, tp=2, dp=4, opt_shard=-1, moe=MoeConfig(experts=8, moe_ffn=4, ep=4)),
+    dtype="source",
+)
 def test_any_generated_moe_run_converts_exactly(run: GeneratorConfig, dtype: str) -> None:
     assert_converts_exactly(run, dtype)
 
