@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from ms2hf.commands import convert as _convert
@@ -18,14 +18,15 @@ from ms2hf.commands.convert import ConvertOptions, ConvertReport
 from ms2hf.commands.inspect import InspectReport
 from ms2hf.errors import Ms2hfError
 from ms2hf.pipeline.engine.budget import parse_size
+from ms2hf.pipeline.given import settings
 
 SIZE_OPTIONS = ("max_shard_size", "memory_budget")
-PATH_OPTIONS = ("config", "reference_config", "tokenizer_dir")
 
 
 def make_options(base: ConvertOptions | None = None, **overrides: Any) -> ConvertOptions:
     """``base`` (or the defaults) with ``overrides`` applied: sizes may be text (``"5GB"``,
-    ``"512MiB"``), paths may be strings."""
+    ``"512MiB"``), paths may be strings, ``given`` plain values (``{"max_position_embeddings":
+    40960}``, as ``--set`` gives them)."""
     known = {f.name for f in dataclasses.fields(ConvertOptions)}
     unknown = sorted(set(overrides) - known)
     if unknown:
@@ -38,9 +39,10 @@ def make_options(base: ConvertOptions | None = None, **overrides: Any) -> Conver
                 overrides[name] = parse_size(overrides[name])
             except ValueError as e:
                 raise Ms2hfError(f"{name}: {e}") from e
-    for name in PATH_OPTIONS:
-        if isinstance(overrides.get(name), (str, os.PathLike)):
-            overrides[name] = Path(overrides[name])
+    if isinstance(overrides.get("given"), Mapping):
+        overrides["given"] = settings(overrides["given"], "given")
+    if base is not None and not isinstance(base, ConvertOptions):
+        raise Ms2hfError(f"options: expected a ms2hf.ConvertOptions, got {type(base).__name__}")
     return dataclasses.replace(base or ConvertOptions(), **overrides)
 
 
@@ -56,8 +58,9 @@ def convert(
     """Convert a training output (``checkpoint/`` and ``strategy/``) into a Hugging Face folder.
 
     Keyword options are ``ConvertOptions`` fields: ``dtype``, ``max_shard_size``, ``step``,
-    ``config``, ``reference_config``, ``tokenizer_dir``, ``memory_budget``, ``workers``,
-    ``overwrite``, ``progress``. Raises ``Ms2hfError`` on any problem with the input or output.
+    ``config``, ``reference_config``, ``tokenizer_dir``, ``given``, ``routing_scale``,
+    ``memory_budget``, ``workers``, ``overwrite``, ``progress``, ``strict``. Raises
+    ``Ms2hfError`` on any problem with the input, the options or the output folder.
     """
     return _convert.convert(
         training_output,

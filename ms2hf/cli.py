@@ -2,6 +2,10 @@
 
 Commands other than ``convert`` and ``merge`` import their modules when they run: every run
 pays for what is imported at start-up, and a conversion's start-up is part of its time.
+
+Options go anywhere, as people type them: before the command (``-v``, ``-q``), between the two
+folders, or after them (each command's arguments are parsed intermixed). A consumer that stops
+reading (``ms2hf inspect ... | head``) ends the run quietly.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -27,6 +32,7 @@ from ms2hf.commands.legacy_flags import (
 from ms2hf.commands.merge import PART_SIZE, MergeOptions, merge
 from ms2hf.errors import Ms2hfError
 from ms2hf.pipeline.engine.budget import parse_size
+from ms2hf.pipeline.given import parse_setting, settings
 from ms2hf.pipeline.shards import SHARD_LAYOUTS
 from ms2hf.transforms.casts import TARGETS
 from ms2hf.transforms.registry import FAMILIES
@@ -42,6 +48,13 @@ def size_arg(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def positive_size_arg(text: str) -> int:
+    value = size_arg(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive size")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -79,7 +92,7 @@ def add_hf_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-shard-size",
-        type=size_arg,
+        type=positive_size_arg,
         default=5_000_000_000,
         metavar="SIZE",
         help="largest output file, decimal units as huggingface_hub (default: 5GB)",
@@ -96,6 +109,38 @@ def add_hf_options(p: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="copy the tokenizer and generation_config files found in DIR into the output",
+    )
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config.json value, over the yaml and reference config (which may then disagree "
+        "on it), e.g. --set max_position_embeddings=40960; VALUE is JSON or a plain string",
+    )
+    add_routing_options(p)
+
+
+def add_routing_options(p: argparse.ArgumentParser) -> None:
+    """What to do with a MoE routing scale (the yaml's routed_scaling_factor) that Hugging
+    Face's Qwen3-MoE cannot state; without either, such a scale stops the run."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--fold-routing-scale",
+        dest="routing_scale",
+        action="store_const",
+        const="fold",
+        help="multiply every expert's down_proj by the yaml's routing scale (in fp32, before "
+        "the output cast): the same model, which Hugging Face's Qwen3-MoE can run",
+    )
+    group.add_argument(
+        "--ignore-routing-scale",
+        dest="routing_scale",
+        action="store_const",
+        const="ignore",
+        help="drop the routing scale: the converted model routes without it, so its outputs "
+        "differ from the trained model's",
     )
 
 
@@ -135,7 +180,7 @@ def add_check_replicas_option(p: argparse.ArgumentParser) -> None:
 def add_resource_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--memory-budget",
-        type=size_arg,
+        type=positive_size_arg,
         metavar="SIZE",
         help="buffer memory the run may hold, e.g. 512MiB (default: 1/4 of available memory)",
     )
@@ -156,6 +201,8 @@ def hf_options(args: argparse.Namespace) -> ConvertOptions:
         config=args.config,
         reference_config=args.reference_config,
         tokenizer_dir=args.tokenizer_dir,
+        given=settings(dict(parse_setting(text) for text in args.settings), "--set"),
+        routing_scale=args.routing_scale,
     )
 
 
@@ -278,7 +325,7 @@ def _add_merge(sub: Subcommands) -> Handler:
     add_merge_flags(p)
     p.add_argument(
         "--part-size",
-        type=size_arg,
+        type=positive_size_arg,
         default=PART_SIZE,
         metavar="SIZE",
         help="split into ceil(total / SIZE) balanced part files (default: 3GiB, as MindSpore)",
@@ -353,6 +400,7 @@ def _add_verify(sub: Subcommands) -> Handler:
     )
     _add_step(p)
     add_config_option(p)
+    add_routing_options(p)
     add_resource_options(p)
     _add_verbosity(p)
     return _run_verify
@@ -362,7 +410,11 @@ def _run_verify(args: argparse.Namespace) -> int:
     from ms2hf.commands.verify import VerifyOptions, verify
 
     options = VerifyOptions(
-        step=args.step, config=args.config, memory_budget=args.memory_budget, workers=args.workers
+        step=args.step,
+        config=args.config,
+        routing_scale=args.routing_scale,
+        memory_budget=args.memory_budget,
+        workers=args.workers,
     )
     report = verify(args.hf_dir, args.against, options)
     print(report.summary())
@@ -410,12 +462,19 @@ COMMANDS: list[Callable[[Subcommands], Handler]] = [
 ]
 
 
+VERBOSITY = ("-q", "--quiet", "-v", "--verbose")
+"""Accepted before the command as well as after it."""
+SIGPIPE_STATUS = 141
+"""What a shell reports for a program ended by SIGPIPE (128 + 13): the reader went away."""
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(
         prog="ms2hf",
         description="MindSpore Transformers Qwen3 checkpoints -> Hugging Face, streaming.",
     )
     parser.add_argument("--version", action="version", version=f"ms2hf {__version__}")
+    _add_verbosity(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     handlers: dict[str, Handler] = {}
     for add in COMMANDS:
@@ -426,9 +485,40 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     return parser, handlers
 
 
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Handler]]:
+    """The command and its options, wherever they were typed: ``-v``/``-q`` before the command
+    are the command's, and its options may sit between or after its folders (argparse alone
+    takes ``convert out/ --dtype bf16 hf/`` for a third folder)."""
+    parser, handlers = build_parser()
+    leading = [a for a in argv[: _first_word(argv)] if a in VERBOSITY]
+    rest = list(argv[len(leading) :])
+    if not rest or rest[0] not in handlers:
+        return parser.parse_args(argv), handlers  # help, --version, or argparse's own error
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args = commands.choices[rest[0]].parse_intermixed_args([*rest[1:], *leading])
+    args.command = rest[0]
+    return args, handlers
+
+
+def _first_word(argv: Sequence[str]) -> int:
+    """The index of the first argument that is not a verbosity flag."""
+    for i, arg in enumerate(argv):
+        if arg not in VERBOSITY:
+            return i
+    return len(argv)
+
+
+class _TerminalHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Messages to stderr; a reader that went away (``2>&1 | head``) ends them silently."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not isinstance(sys.exc_info()[1], BrokenPipeError):
+            super().handleError(record)
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TerminalHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("ms2hf")
     root.handlers[:] = [handler]
@@ -436,22 +526,40 @@ def _configure_logging(args: argparse.Namespace) -> None:
     root.propagate = False
 
 
+def _stdout_gone() -> int:
+    """The reader of stdout went away: end quietly, as ``head`` expects of the commands before
+    it. Later writes (the interpreter's final flush) go nowhere instead of failing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # stdout is no file descriptor (captured): nothing will flush it at exit
+    return SIGPIPE_STATUS
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, handlers = build_parser()
-    args = parser.parse_args(argv)
+    args, handlers = parse(sys.argv[1:] if argv is None else argv)
     _configure_logging(args)
     try:
-        return handlers[args.command](args)
+        code = handlers[args.command](args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        return _stdout_gone()
     except Ms2hfError as e:
         if args.verbose:
             traceback.print_exc()
         print(f"ms2hf {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            f"ms2hf {args.command}: interrupted; no partial file was left behind", file=sys.stderr
-        )
+    except KeyboardInterrupt as e:
+        print(f"ms2hf {args.command}: interrupted; {e or INTERRUPTED}", file=sys.stderr)
         return 130
+
+
+INTERRUPTED = (
+    "no partial file was left behind: run the same command again to resume, keeping the files "
+    "already finished"
+)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,9 @@ def test_reference_sizes_must_agree_with_the_weights(
 def test_reference_for_another_model_type(tmp_path: Path) -> None:
     reference = write_json(tmp_path / "ref.json", {**TRUTH, "model_type": "qwen3_moe"})
     with pytest.raises(
-        Ms2hfError, match="model_type = 'qwen3_moe', but the weights are a 'qwen3' model"
+        Ms2hfError,
+        match=r"reference ref.json describes another model \(model_type = 'qwen3_moe'\), but "
+        "the checkpoint is qwen3",
     ):
         run(tmp_path, reference_config=reference)
 

@@ -193,7 +193,7 @@ def test_part_assignment_is_deterministic_and_balanced() -> None:
 def test_output_is_the_same_for_any_worker_count(tmp_path: Path) -> None:
     fixture = DATA / "tiny_fp32"
     one = run_merge(fixture, tmp_path / "one", part_size=200_000, workers=1)
-    two = run_merge(fixture, tmp_path / "two", part_size=200_000, workers=2, memory_budget=1)
+    two = run_merge(fixture, tmp_path / "two", part_size=200_000, workers=2, memory_budget=2**21)
     assert folder_bytes(one) == folder_bytes(two)
 
 

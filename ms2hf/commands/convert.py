@@ -26,8 +26,18 @@ from ms2hf.pipeline.engine.budget import format_size
 from ms2hf.pipeline.engine.execute import SmallFile
 from ms2hf.pipeline.given import given_values, origin_lines
 from ms2hf.pipeline.plan import HfPlan, plan_hf_checkpoint
-from ms2hf.pipeline.run import RunOptions, jsonable, run_plan
+from ms2hf.pipeline.run import (
+    RunOptions,
+    as_path,
+    check_positive,
+    jsonable,
+    option_error,
+    run_plan,
+)
+from ms2hf.pipeline.shards import SHARD_LAYOUTS
+from ms2hf.transforms.casts import TARGETS
 from ms2hf.transforms.hf_config import config_json
+from ms2hf.transforms.registry import ROUTING_POLICIES
 
 log = logging.getLogger("ms2hf")
 
@@ -50,6 +60,26 @@ class ConvertOptions(RunOptions):
     """A folder whose tokenizer and generation files are copied into the output."""
     given: Mapping[str, ConfigValue] = field(default_factory=dict)
     """Values from flags, under config.json names (origin: the flag): checked against the shapes."""
+    routing_scale: str | None = None
+    """``fold`` or ``ignore``: what to do with a routing scale the Hugging Face model cannot
+    state (``docs/qwen3-moe.md#routing``); None stops the run when there is one."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dtype not in TARGETS:
+            raise option_error("dtype", self.dtype, f"one of {', '.join(TARGETS)}")
+        if self.shard_layout not in SHARD_LAYOUTS:
+            raise option_error("shard_layout", self.shard_layout, f"one of {SHARD_LAYOUTS}")
+        check_positive(self, "max_shard_size")
+        if self.routing_scale not in (None, *ROUTING_POLICIES):
+            raise option_error("routing_scale", self.routing_scale, "'fold', 'ignore' or None")
+        if self.step is not None and not isinstance(self.step, str):
+            raise option_error("step", self.step, "a step such as '1000_1', or None")
+        as_path(self, "config", "reference_config", "tokenizer_dir")
+        if not isinstance(self.given, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, ConfigValue) for k, v in self.given.items()
+        ):
+            raise option_error("given", self.given, "a mapping of config.json names to values")
 
 
 @dataclass
@@ -94,7 +124,12 @@ def gather_given(options: ConvertOptions) -> Given:
 def plan_for(source: SourcePlan, options: ConvertOptions, given: Given) -> HfPlan:
     """The Hugging Face checkpoint ``options`` ask for."""
     return plan_hf_checkpoint(
-        source, given, options.dtype, options.max_shard_size, options.shard_layout
+        source,
+        given,
+        options.dtype,
+        options.max_shard_size,
+        options.shard_layout,
+        options.routing_scale,
     )
 
 

@@ -33,7 +33,7 @@ from ms2hf.pipeline.engine.budget import format_size
 from ms2hf.pipeline.engine.execute import SmallFile
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
-from ms2hf.pipeline.run import RunOptions, run_plan
+from ms2hf.pipeline.run import RunOptions, as_path, check_positive, run_plan
 from ms2hf.transforms import pieces
 from ms2hf.transforms.registry import hf_model
 
@@ -54,6 +54,11 @@ class MergeOptions(RunOptions):
     has_redundancy: bool | None = None
     """The user's claim about the save (``--has_redundancy``); checked against the files."""
     config: Path | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "part_size")
+        as_path(self, "config")
 
 
 @dataclass

@@ -47,6 +47,8 @@ class VerifyOptions:
     step: str | None = None
     config: Path | None = None
     """The training yaml, for the fused-weight layout flags the source was trained with."""
+    routing_scale: str | None = None
+    """As the conversion was given it: a folded routing scale is part of the expected bytes."""
     memory_budget: int | None = None
     workers: int | None = None
 
@@ -235,7 +237,7 @@ def _check_against(
     source = plan_source(training_output / "checkpoint", training_output / "strategy", options.step)
     given = read_train_config(options.config) if options.config else {}
     shapes = {name: p.shape for name, p in source.params.items()}
-    outputs = hf_model(shapes, given, "F32").outputs
+    outputs = hf_model(shapes, given, "F32", options.routing_scale).outputs
     budget = MemoryBudget.resolve(options.memory_budget, options.workers)
     buffers = threading.local()
 

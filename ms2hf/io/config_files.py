@@ -30,6 +30,9 @@ class ConfigValue:
 
     value: Any
     origin: str
+    disagrees: tuple[ConfigValue, ...] = ()
+    """Other files' different values for this setting: a disagreement for the user to settle,
+    reported with every other problem of the run rather than alone."""
 
 
 Given = dict[str, ConfigValue]
@@ -71,6 +74,21 @@ ALIASES: dict[str, str] = {
     "norm_topk_prob": "norm_topk_prob",
     "decoder_sparse_step": "decoder_sparse_step",
     "mlp_only_layers": "mlp_only_layers",
+    "num_experts_chosen": "num_experts_per_tok",
+    # what the model is: checked against the weights' family, never written from here
+    "model_type": "model_type",
+    "architectures": "architectures",
+    # MoE routing the Hugging Face model may not be able to state (docs/qwen3-moe.md#routing)
+    "routed_scaling_factor": "routed_scaling_factor",
+    "moe_router_topk_scaling_factor": "routed_scaling_factor",
+    "moe_router_score_function": "moe_router_score_function",
+    "scoring_func": "moe_router_score_function",
+    "moe_router_enable_expert_bias": "moe_router_enable_expert_bias",
+    "balance_via_topk_bias": "moe_router_enable_expert_bias",
+    "moe_router_num_groups": "moe_router_num_groups",
+    "n_group": "moe_router_num_groups",
+    "moe_router_group_topk": "moe_router_group_topk",
+    "topk_group": "moe_router_group_topk",
 }
 
 
@@ -98,6 +116,7 @@ def read_train_config(path: str | Path) -> Given:
     if not isinstance(section, dict):
         raise FormatError(f"{path}: no 'model: model_config:' section")
     out: Given = {}
+    clashes = []
     for key, value in section.items():
         name = ALIASES.get(key)
         if name is None or value is None:
@@ -105,21 +124,19 @@ def read_train_config(path: str | Path) -> Given:
         value = _number(value)
         origin = f"{path.name}: model.model_config.{key}"
         if name in out and out[name].value != value:
-            raise FormatError(
-                f"{path}: {out[name].origin} = {out[name].value!r} and {origin} = {value!r} "
-                "disagree"
-            )
+            clashes.append(f"{out[name].origin} = {out[name].value!r} and {origin} = {value!r}")
         out[name] = ConfigValue(value, origin)
+    if clashes:
+        raise FormatError(f"{path}: {'; '.join(clashes)} disagree")
     untie = out.pop("untie_embeddings_and_output_weights", None)
     if untie is not None and "tie_word_embeddings" not in out:
         out["tie_word_embeddings"] = ConfigValue(not untie.value, untie.origin)
     return out
 
 
-NOT_TAKEN = frozenset(
-    {"architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "auto_map"}
-)
-"""Entries the run decides itself (class from the weights, dtype from ``--dtype``)."""
+NOT_TAKEN = frozenset({"torch_dtype", "dtype", "transformers_version", "_name_or_path", "auto_map"})
+"""Entries the run decides itself (dtype from ``--dtype``). ``model_type`` and ``architectures``
+are read to be checked against the weights' family, never written from here."""
 ROPE_PARAMETERS = "rope_parameters"
 REFERENCE_ALIASES: dict[str, str] = {"num_local_experts": "num_experts"}
 """transformers 5 saves Qwen3-MoE's expert count under another name; it is checked all the same."""

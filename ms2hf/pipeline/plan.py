@@ -89,9 +89,14 @@ def config_dtype(source: SourcePlan, dtype: str) -> str:
 
 
 def plan_hf_checkpoint(
-    source: SourcePlan, given: Given, dtype: str, max_shard_size: int, shard_layout: str = "size"
+    source: SourcePlan,
+    given: Given,
+    dtype: str,
+    max_shard_size: int,
+    shard_layout: str = "size",
+    routing_scale: str | None = None,
 ) -> HfPlan:
     """The model, its config and the files a run would write, from shapes alone."""
     shapes = {name: p.shape for name, p in source.params.items()}
-    model = hf_model(shapes, given, config_dtype(source, dtype))
+    model = hf_model(shapes, given, config_dtype(source, dtype), routing_scale)
     return HfPlan(model, plan_files(model.outputs, source, dtype, max_shard_size, shard_layout))

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
+from ms2hf.errors import Ms2hfError
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
@@ -46,6 +48,43 @@ class RunOptions:
     """Read every replica of every block and require it to match the copy used."""
     record_reads: bool = False
     """Keep every byte range the run reads, to prove what was read (tests)."""
+
+    def __post_init__(self) -> None:
+        """Options come from scripts as much as from the command line: a wrong type or value is
+        a clear ``Ms2hfError`` naming the option here, not a failure deep in a run."""
+        for name in ("memory_budget", "workers"):
+            value = getattr(self, name)
+            if value is not None and not _positive_int(value):
+                raise option_error(name, value, "a positive whole number, or None for the default")
+        for name in ("overwrite", "progress", "strict", "check_replicas", "record_reads"):
+            if not isinstance(getattr(self, name), bool):
+                raise option_error(name, getattr(self, name), "True or False")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def option_error(name: str, value: object, expected: str) -> Ms2hfError:
+    return Ms2hfError(f"option {name}={value!r}: expected {expected}")
+
+
+def check_positive(options: object, *names: str) -> None:
+    """Each of ``names`` is a positive whole number (sizes in bytes, counts)."""
+    for name in names:
+        value = getattr(options, name)
+        if not _positive_int(value):
+            raise option_error(name, value, "a positive whole number")
+
+
+def as_path(options: object, *names: str) -> None:
+    """Each of ``names`` (of a frozen options object) as a ``Path``: scripts pass strings."""
+    for name in names:
+        value = getattr(options, name)
+        if isinstance(value, (str, os.PathLike)) and not isinstance(value, Path):
+            object.__setattr__(options, name, Path(value))
+        elif value is not None and not isinstance(value, Path):
+            raise option_error(name, value, "a path, or None")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -74,3 +75,28 @@ class ModelFamily:
     """A small model of this family (a ``dims_type``): what ``ms2hf demo --model`` trains."""
     aliases: tuple[str, ...] = field(default=())
     """Other spellings users type for it (the old tools' ``--model`` values)."""
+    evidence: str = ""
+    """What in the parameters shows a checkpoint is this family, for messages."""
+    settings: frozenset[str] = frozenset()
+    """Settings of the training run it reads from the yaml (or a flag) besides its config.json
+    entries and sizes: each either reaches the output or stops the run (``routing``)."""
+    routing: Callable[[Any, Given, str | None], Routing] | None = None
+    """The routing settings given, under a policy for a routing scale Hugging Face cannot state
+    (``fold``, ``ignore`` or None): what to do with them, or the problems they raise."""
+
+    @property
+    def keys(self) -> frozenset[str]:
+        """Every name a given value of this family may have: sizes, config.json entries the
+        weights cannot tell, and its other settings."""
+        sizes = {f.name for f in dataclasses.fields(self.dims_type)}
+        return frozenset({*sizes, *self.defaults, *self.settings})
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a family makes of the routing settings a training run used."""
+
+    problems: tuple[str, ...] = ()
+    expert_scale: float = 1.0
+    """Multiplies every routed expert's output projection (a routing scale folded in)."""
+    notes: tuple[str, ...] = ()

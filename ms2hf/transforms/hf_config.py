@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ms2hf.errors import ModelError
 from ms2hf.io.config_files import ConfigValue
 from ms2hf.transforms.family import ModelFamily
 
@@ -31,11 +30,6 @@ def build_config(
     taken for the model's defaulted keys, including sizes the weights leave open (None in dims).
     """
     model_type = family.model_type
-    stated = given.get("model_type")
-    if stated is not None and stated.value != model_type:
-        raise ModelError(
-            f"{stated.origin} = {stated.value!r}, but the weights are a {model_type!r} model"
-        )
     defaults = family.defaults
     out: dict[str, ConfigValue] = {
         "architectures": ConfigValue([family.architecture], "model"),
@@ -65,6 +59,58 @@ def build_config(
     out["torch_dtype"] = ConfigValue(dtype_name, "--dtype")
     out["dtype"] = ConfigValue(dtype_name, "--dtype")
     return out
+
+
+POSITIVE = frozenset({"max_position_embeddings", "rms_norm_eps", "rope_theta"})
+"""Entries that must be above zero (a zero epsilon or rope theta is a broken model)."""
+
+
+def _kind(default: Any) -> tuple[tuple[type, ...], str] | None:
+    """The types a given value may have, from the published default's; None: any."""
+    if isinstance(default, bool):
+        return (bool,), "true or false"
+    if isinstance(default, int):
+        return (int,), "a whole number"
+    if isinstance(default, float):
+        return (int, float), "a number"
+    if isinstance(default, str):
+        return (str,), "a string"
+    return None
+
+
+def _is(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and (bool in types or not isinstance(value, bool))
+
+
+def value_problems(
+    family: ModelFamily, config: Mapping[str, ConfigValue], given: Mapping[str, ConfigValue]
+) -> list[str]:
+    """Given values config.json would carry that no loader can use: the wrong type, a size
+    below one, or a token id past the vocabulary (transformers builds the embedding's padding
+    row from ``pad_token_id`` and fails on one it does not have)."""
+    vocab = config["vocab_size"].value
+    problems = []
+    for name, value in given.items():
+        if config.get(name) is not value:
+            continue  # not taken (a size the weights decide, or a setting of another kind)
+        v = value.value
+        if name in TOKEN_IDS:
+            ids = v if isinstance(v, list) else [v]
+            bad = [i for i in ids if i is not None and not (_is(i, (int,)) and 0 <= i < vocab)]
+            if bad:
+                problems.append(
+                    f"{value.origin} = {v!r}: no such token in this model (vocab_size {vocab}, "
+                    f"from the embedding); set a token id below {vocab}, or --set {name}=null"
+                )
+            continue
+        kind = _kind(family.defaults.get(name, 0 if name in GIVEN_ONLY else None))
+        if kind is not None and not _is(v, kind[0]):
+            problems.append(f"{value.origin} = {v!r}: expected {kind[1]}")
+        elif name in POSITIVE and not v > 0:
+            problems.append(f"{value.origin} = {v!r}: must be above zero")
+        elif name == "rope_scaling" and v is not None and not isinstance(v, dict):
+            problems.append(f"{value.origin} = {v!r}: expected null or an object")
+    return problems
 
 
 def rope_parameters(theta: ConfigValue, scaling: ConfigValue) -> ConfigValue:

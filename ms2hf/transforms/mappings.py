@@ -16,6 +16,7 @@ the family's MLP groups (``docs/qwen3.md``, ``docs/qwen3-moe.md``).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ class Context:
     dims: Any
     """The family's ``Dims`` (attribute names are config.json names)."""
     layout: WeightLayout
+    expert_scale: float = 1.0
+    """A routing scale folded into the routed experts' output projections (``scaled`` rows)."""
 
 
 class Row(Protocol):
@@ -192,8 +195,17 @@ class GroupedExperts:
     experts: tuple[str, ...]
     group: str = ""
     required: bool = True
+    scaled: bool = False
+    """The experts' output projection: a folded routing scale multiplies it (the layer's output
+    is linear in it, ``docs/qwen3-moe.md#routing``)."""
 
     def outputs(self, source: str, layer: str, ctx: Context) -> list[OutputTensor]:
+        made = self._windows(source, layer, ctx)
+        if self.scaled and ctx.expert_scale != 1.0:
+            return [dataclasses.replace(t, scale=ctx.expert_scale) for t in made]
+        return made
+
+    def _windows(self, source: str, layer: str, ctx: Context) -> list[OutputTensor]:
         dims = ctx.dims
         e_count, h, f = dims.num_experts, dims.hidden_size, dims.moe_intermediate_size
         names = [_in_layer(t, layer) for t in self.experts]

@@ -41,6 +41,9 @@ class OutputTensor:
     source: str
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    scale: float = 1.0
+    """Every element multiplied by this, in fp32 before the output cast (a routing scale
+    folded into an expert's ``down_proj``: ``docs/qwen3-moe.md#routing``)."""
 
     @property
     def rows(self) -> int:

@@ -291,4 +291,5 @@ FAMILY = ModelFamily(
     network=network,
     dims_from_config=dims_from_config,
     example=EXAMPLE,
+    evidence="dense: no layer has mlp.router.weight or mlp.experts",
 )

@@ -22,7 +22,7 @@ from typing import Any
 from ms2hf.errors import ModelError
 from ms2hf.io.config_files import Given
 from ms2hf.transforms import qwen3
-from ms2hf.transforms.family import ModelFamily, NetworkParam, Role
+from ms2hf.transforms.family import ModelFamily, NetworkParam, Role, Routing
 from ms2hf.transforms.mappings import (
     EXPERT,
     LAYER,
@@ -49,7 +49,7 @@ HF_EXPERT = f"{qwen3.HF_LAYER}mlp.experts.{EXPERT}."
 MOE_MLP_ROWS: tuple[Row, ...] = (
     Rename(ROUTER, qwen3.HF_LAYER + "mlp.gate.weight", EXPERTS),
     GroupedExperts(W1, (HF_EXPERT + "gate_proj.weight", HF_EXPERT + "up_proj.weight"), EXPERTS),
-    GroupedExperts(W2, (HF_EXPERT + "down_proj.weight",), EXPERTS),
+    GroupedExperts(W2, (HF_EXPERT + "down_proj.weight",), EXPERTS, scaled=True),
     Skip(FI_ACCU, FI_ACCU_REASON, EXPERTS),
 )
 TABLE = Table(
@@ -222,6 +222,86 @@ def check_given(dims: MoeDims, given: Given) -> list[str]:
     return problems
 
 
+ROUTING_SCALE = "routed_scaling_factor"
+"""The yaml's routing scale (also spelled ``moe_router_topk_scaling_factor``)."""
+ROUTING_SETTINGS = frozenset(
+    {
+        ROUTING_SCALE,
+        "moe_router_score_function",
+        "moe_router_enable_expert_bias",
+        "moe_router_num_groups",
+        "moe_router_group_topk",
+    }
+)
+"""Routing settings of the training run that Hugging Face's Qwen3-MoE has no entry for."""
+FOLD, IGNORE = "--fold-routing-scale", "--ignore-routing-scale"
+
+
+def _routing_scale(scale: Any, origin: str, policy: str | None) -> Routing:
+    """A routing scale multiplies every routing weight; the layer's output is linear in each
+    expert's ``down_proj``, so folding it there gives the same model (``docs/qwen3-moe.md``)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < 1e6:
+        return Routing((f"{origin} = {scale!r}: expected a positive number",))
+    if scale == 1:
+        return Routing()
+    if policy == "fold":
+        return Routing(
+            expert_scale=float(scale),
+            notes=(
+                f"{origin} = {scale}: every expert's down_proj is multiplied by {scale} (in fp32, "
+                "before the output cast): Hugging Face's Qwen3-MoE has no routing scale, and this "
+                "is the same model",
+            ),
+        )
+    if policy == "ignore":
+        return Routing(
+            notes=(
+                f"{origin} = {scale} is dropped ({IGNORE}): the converted model routes without "
+                "it, so its outputs differ from the trained model's",
+            ),
+        )
+    return Routing(
+        (
+            f"{origin} = {scale}: Hugging Face's Qwen3-MoE has no routing scale, so config.json "
+            f"cannot carry it; pass {FOLD} to multiply every expert's down_proj by {scale} (the "
+            f"same model), or {IGNORE} to convert the weights as trained and accept a model "
+            "that routes without it",
+        )
+    )
+
+
+def routing(dims: MoeDims, given: Given, policy: str | None) -> Routing:
+    """The training run's routing, as Hugging Face's Qwen3-MoE can state it: top-k and
+    ``norm_topk_prob`` go to config.json (checked in ``check_given``); softmax scores without
+    expert bias or expert groups are the only routing it has; a scale is folded or dropped only
+    when asked."""
+    problems = []
+    score = given.get("moe_router_score_function")
+    if score is not None and score.value != "softmax":
+        problems.append(
+            f"{score.origin} = {score.value!r}: Hugging Face's Qwen3-MoE routes with softmax "
+            "scores only"
+        )
+    bias = given.get("moe_router_enable_expert_bias")
+    if bias is not None and bias.value:
+        problems.append(
+            f"{bias.origin} = {bias.value!r}: Hugging Face's Qwen3-MoE has no expert bias in "
+            "its routing"
+        )
+    for name in ("moe_router_num_groups", "moe_router_group_topk"):
+        groups = given.get(name)
+        if groups is not None and groups.value not in (None, 1):
+            problems.append(
+                f"{groups.origin} = {groups.value!r}: Hugging Face's Qwen3-MoE has no "
+                "group-limited routing"
+            )
+    scale = given.get(ROUTING_SCALE)
+    if scale is None:
+        return Routing(tuple(problems))
+    made = _routing_scale(scale.value, scale.origin, policy)
+    return Routing((*problems, *made.problems), made.expert_scale, made.notes)
+
+
 def moe_mlp_network(d: MoeDims, i: int) -> list[NetworkParam]:
     """A MoE layer's MLP in the network's order: router, its statistic, the grouped experts."""
     e, h, f = d.num_experts, d.hidden_size, d.moe_intermediate_size
@@ -283,4 +363,7 @@ FAMILY = ModelFamily(
     dims_from_config=dims_from_config,
     example=EXAMPLE,
     aliases=("qwen3_moe",),
+    evidence=f"its layers have {ROUTER} and {W1}",
+    settings=ROUTING_SETTINGS,
+    routing=routing,
 )

@@ -7,6 +7,7 @@ new module defining a ``ModelFamily`` and one entry here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,10 +15,12 @@ from typing import Any
 from ms2hf.errors import ModelError
 from ms2hf.io.config_files import ConfigValue, Given
 from ms2hf.transforms import qwen3, qwen3_moe
-from ms2hf.transforms.family import ModelFamily
-from ms2hf.transforms.hf_config import build_config
+from ms2hf.transforms.family import ModelFamily, Routing
+from ms2hf.transforms.hf_config import GIVEN_ONLY, build_config, value_problems
 from ms2hf.transforms.mappings import Context, Planned, TiedHead, WeightLayout, layer_keys
 from ms2hf.transforms.pieces import OutputTensor
+
+log = logging.getLogger("ms2hf")
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -83,21 +86,88 @@ class HfModel:
         return self.family.model_type
 
 
-def plan_outputs(family: ModelFamily, shapes: Shapes, dims: Any, layout: WeightLayout) -> Planned:
-    return family.table.apply(Context(shapes, dims, layout), layer_keys(shapes))
+def plan_outputs(
+    family: ModelFamily, shapes: Shapes, dims: Any, layout: WeightLayout, expert_scale: float = 1.0
+) -> Planned:
+    return family.table.apply(Context(shapes, dims, layout, expert_scale), layer_keys(shapes))
 
 
-def hf_model(shapes: Shapes, given: Given, out_dtype: str) -> HfModel:
+ROUTING_POLICIES = ("fold", "ignore")
+"""What to do with a routing scale Hugging Face's model cannot state: fold it into the experts'
+weights, or drop it knowingly. Without one, a scale other than 1 stops the run."""
+
+
+def settable_keys() -> frozenset[str]:
+    """Every setting a flag may give: any family's sizes, config.json entries and settings."""
+    return frozenset({*GIVEN_ONLY, *(key for f in FAMILIES for key in f.keys)})
+
+
+def _source(value: ConfigValue) -> str:
+    """The file or flag a value came from, without the key."""
+    return value.origin.partition(": ")[0]
+
+
+def family_problems(family: ModelFamily, given: Given) -> list[str]:
+    """Given values that describe another model family: a ``model_type`` or ``architectures``
+    that is not this one, or settings only another family has (experts on a dense model), one
+    message per file or flag that gave them."""
+    foreign = {key for f in FAMILIES if f is not family for key in f.keys} - family.keys
+    claims: dict[str, list[str]] = {}
+    for name, value in given.items():
+        stated = value.value
+        if name == "model_type":
+            wrong = stated != family.model_type
+        elif name == "architectures":
+            names = [stated] if isinstance(stated, str) else stated
+            wrong = not isinstance(names, list) or family.architecture not in names
+        else:
+            wrong = name in foreign and stated is not None
+        if wrong:
+            claims.setdefault(_source(value), []).append(f"{name} = {stated!r}")
+    return [
+        f"{source} describes another model ({', '.join(items)}), but the checkpoint is "
+        f"{family.name} ({family.evidence}): the file of another run?"
+        for source, items in claims.items()
+    ]
+
+
+def disagreement_problems(given: Given, dims: Any) -> list[str]:
+    """Settings two files state differently, each with the weights' value when they tell it."""
+    problems = []
+    for name, value in given.items():
+        if not value.disagrees:
+            continue
+        stated = " and ".join(f"{v.origin} = {v.value!r}" for v in (value, *value.disagrees))
+        actual = getattr(dims, name, None)
+        weights = f"; the weights give {name} = {actual!r}" if actual is not None else ""
+        problems.append(
+            f"{stated} disagree{weights}; settle it with --set {name}=VALUE, or give only one "
+            "of the files"
+        )
+    return problems
+
+
+def hf_model(
+    shapes: Shapes, given: Given, out_dtype: str, routing_scale: str | None = None
+) -> HfModel:
     """Plan the Hugging Face tensors and config of a checkpoint, checking ``given`` values
-    (flags, yaml and reference config entries) against the shapes; every disagreement is
-    reported at once."""
+    (flags, yaml and reference config entries) against the shapes and the family; every problem
+    (another family's file, files that disagree, sizes the weights contradict, routing Hugging
+    Face cannot state, values no loader accepts) is reported at once."""
     family = detect(shapes)
     dims = family.infer_dims(shapes)
-    problems = family.check_given(dims, given)
+    problems = family_problems(family, given) + disagreement_problems(given, dims)
+    settled = {name: value for name, value in given.items() if not value.disagrees}
+    problems += family.check_given(dims, settled)
+    routing = family.routing(dims, settled, routing_scale) if family.routing else Routing()
+    problems += routing.problems
+    config = build_config(family, dims, out_dtype, settled)
+    problems += value_problems(family, config, settled)
     if problems:
         raise ModelError("; ".join(problems))
-    planned = plan_outputs(family, shapes, dims, weight_layout(given))
-    config = build_config(family, dims, out_dtype, given)
+    for note in routing.notes:
+        log.info("note: %s", note)
+    planned = plan_outputs(family, shapes, dims, weight_layout(given), routing.expert_scale)
     return HfModel(family, dims, planned.outputs, planned.skipped, config)
 
 

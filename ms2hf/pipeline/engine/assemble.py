@@ -109,10 +109,26 @@ def row_bands(rows: int, row_bytes: int, max_bytes: int) -> Iterator[tuple[int, 
         yield start, min(rows, start + per_band)
 
 
+SCALE_DTYPE = np.dtype(np.float32)
+"""A scaled tensor is assembled and multiplied in this dtype, then cast to its output dtype."""
+_ALIGN = SCALE_DTYPE.itemsize
+
+
+def _row_cost(tensor: OutputTensor, dtype: np.dtype) -> int:
+    """Buffer bytes per output row: the row, and the fp32 row it is scaled in when scaled."""
+    row = tensor.row_elements * dtype.itemsize
+    return row + (tensor.row_elements * SCALE_DTYPE.itemsize if tensor.scale != 1.0 else 0)
+
+
+def _slack(tensor: OutputTensor) -> int:
+    """Room to align a scaled band's fp32 rows after its output rows."""
+    return _ALIGN if tensor.scale != 1.0 else 0
+
+
 def fit_row(buffer: np.ndarray, tensor: OutputTensor, dtype: np.dtype) -> np.ndarray:
     """``buffer``, or a larger one when a single row of ``tensor`` does not fit in it."""
-    row_bytes = tensor.row_elements * dtype.itemsize
-    return buffer if row_bytes <= len(buffer) else np.empty(row_bytes, np.uint8)
+    need = _row_cost(tensor, dtype) + _slack(tensor)
+    return buffer if need <= len(buffer) else np.empty(need, np.uint8)
 
 
 def assembled_bands(
@@ -125,10 +141,21 @@ def assembled_bands(
     """``tensor`` in bands of whole rows, each assembled into ``buffer`` (``fit_row``) in turn:
     ``(byte offset in the tensor, the band as rows x columns of dtype, its bytes)``. A band is
     valid until the next one is made. What convert writes and what verify recomputes are made
-    by this one loop, so they cannot drift apart."""
+    by this one loop, so they cannot drift apart. A scaled tensor's band is assembled in fp32
+    in the rest of the buffer, multiplied there, and cast once into the output band."""
     row_bytes = tensor.row_elements * dtype.itemsize
-    for r0, r1 in row_bands(tensor.rows, row_bytes, len(buffer)):
+    cost = _row_cost(tensor, dtype)
+    for r0, r1 in row_bands(tensor.rows, cost, len(buffer) - _slack(tensor)):
         raw = buffer[: (r1 - r0) * row_bytes]
         band = raw.view(dtype).reshape(r1 - r0, tensor.row_elements)
-        fill_rows(band, tensor, r0, param, files)
+        if tensor.scale == 1.0:
+            fill_rows(band, tensor, r0, param, files)
+        else:
+            at = -(-len(raw) // _ALIGN) * _ALIGN
+            wide_bytes = buffer[at : at + (r1 - r0) * tensor.row_elements * _ALIGN]
+            wide = wide_bytes.view(SCALE_DTYPE).reshape(band.shape)
+            fill_rows(wide, tensor, r0, param, files)
+            with np.errstate(over="ignore"):  # overflow is reported by the finiteness check
+                np.multiply(wide, SCALE_DTYPE.type(tensor.scale), out=wide)
+            cast_into(band, wide)
         yield r0 * row_bytes, band, raw

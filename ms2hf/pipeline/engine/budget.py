@@ -7,11 +7,16 @@ never larger than the CPU cache, where they are fastest; so the budget only ever
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
 
 import psutil
+
+from ms2hf.errors import Ms2hfError
+
+log = logging.getLogger("ms2hf")
 
 _UNITS = {
     "": 1,
@@ -75,10 +80,39 @@ class MemoryBudget:
     @classmethod
     def resolve(cls, total: int | None, workers: int | None) -> MemoryBudget:
         """The given budget and worker count, or the defaults: ``DEFAULT_FRACTION`` of the
-        available memory, one worker per CPU this process may run on."""
+        available memory, one worker per CPU this process may run on. A given budget is met:
+        more workers than the CPUs, or than the budget has band buffers for, are cut (with a
+        note); a budget too small for a single band buffer is refused."""
+        cpus = default_workers()
+        if workers is not None and workers < 1:
+            raise Ms2hfError(f"--workers {workers}: expected a positive number of workers")
+        if workers is not None and workers > cpus:
+            log.info(
+                "note: --workers %d: this process may use %d CPU(s); using %d", workers, cpus, cpus
+            )
+        count = min(workers or cpus, cpus)
         if total is None:
-            total = int(psutil.virtual_memory().available * DEFAULT_FRACTION)
-        return cls(max(total, MIN_BAND_BYTES), max(1, workers or default_workers()))
+            total = max(
+                MIN_BAND_BYTES * count, int(psutil.virtual_memory().available * DEFAULT_FRACTION)
+            )
+        elif total < MIN_BAND_BYTES:
+            raise Ms2hfError(
+                f"--memory-budget {format_size(total)} is less than one worker's band buffer "
+                f"({format_size(MIN_BAND_BYTES)}); give at least 1MiB"
+            )
+        fits = total // MIN_BAND_BYTES
+        if count > fits:
+            log.info(
+                "note: --memory-budget %s holds %d worker band buffer(s) of %s; using %d "
+                "worker(s) instead of %d",
+                format_size(total),
+                fits,
+                format_size(MIN_BAND_BYTES),
+                fits,
+                count,
+            )
+            count = fits
+        return cls(total, count)
 
     @property
     def band_bytes(self) -> int:
