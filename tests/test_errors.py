@@ -271,10 +271,12 @@ def test_nan_is_a_warning_and_strict_makes_it_an_error(
         tensors[name][5, 7] = np.nan
 
     edit_tensors(rank_file(tiny, 2), poison)
-    code, err = run(capsys, "convert", tiny, tiny.parent / "warned", "-q")
+    code, err = run(capsys, "convert", tiny, tiny.parent / "warned", "-q", "--dtype", "fp16")
     assert code == 0
     assert "warning: tensor 'model.layers.2.mlp.down_proj.weight'" in err and name in err
-    assert err.count("NaN or inf") == 1
+    # Already in the source, not made by the fp16 cast: said so, once, and no bf16 advice.
+    assert err.count("NaN or inf already in the training checkpoint") == 1
+    assert "--dtype bf16" not in err
     msg = convert_fails(capsys, tiny, "--strict")
     assert "model.layers.2.mlp.down_proj.weight" in msg and "--strict" in msg
     out = tiny.parent / "hf"
@@ -293,7 +295,12 @@ def test_fp16_overflow_is_found_after_the_cast(
     code, err = run(capsys, "convert", tiny, tiny.parent / "bf16", "-q")
     assert code == 0 and "NaN or inf" not in err
     code, err = run(capsys, "convert", tiny, tiny.parent / "fp16", "-q", "--dtype", "fp16")
-    assert code == 0 and "'model.norm.weight'" in err and "written as F16" in err
+    assert code == 0 and "'model.norm.weight'" in err
+    assert "finite values beyond F16's range (largest F16 value: 65504)" in err
+    assert "--dtype bf16 keeps the training dtype's range" in err
+    assert "already in the training checkpoint" not in err
+    msg = convert_fails(capsys, tiny, "--dtype", "fp16", "--strict")
+    assert "became inf in the cast to F16" in msg and "--dtype bf16" in msg
 
 
 # --- paths -----------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """Never lose data: atomic files, the index last, resuming a killed run to the same bytes, and
 never touching a folder (or file) that ms2hf did not make unless told to."""
 
+# The run record exists only while a run is unfinished; a finished folder carries its shards'
+# digests in the index (docs/hf-output.md#a-publishable-folder).
+
 from __future__ import annotations
 
 import fcntl
@@ -16,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from ms2hf.cli import main
-from ms2hf.pipeline.engine.output_dir import RUN_RECORD
+from ms2hf.pipeline.engine.output_dir import RUN_RECORD, read_finished
 from tests.conftest import DATA, folder_bytes
 
 SOURCE = DATA / "tiny_fp32"
-ONE_TENSOR_PER_FILE = ["--max-shard-size", "1", "--memory-budget", "1MiB"]
+ONE_TENSOR_PER_FILE = ["--max-shard-size", "1", "--memory-budget", "2MiB"]
 """47 shards, each committed (and fsynced) on its own: a run long enough to be killed midway."""
 
 
@@ -97,25 +100,27 @@ def test_killed_at_random_moments_then_rerun_gives_the_clean_bytes(
         code = _kill_after(out, moment)
         killed_midway += code == -signal.SIGKILL
         _looks_right_after_a_kill(out, clean)
+        if read_finished(out) is not None:
+            break  # this run finished before the kill: nothing left to resume
         record = json.loads((out / RUN_RECORD).read_text())
         for name in record["finished"]:
             kept.setdefault(name, _identity(out / name))
     assert killed_midway >= 2, "the runs finished before they could be killed"
     assert kept, "no shard was finished before the kills"
-    assert convert(out, *ONE_TENSOR_PER_FILE) == 0
+    if read_finished(out) is None:
+        assert convert(out, *ONE_TENSOR_PER_FILE) == 0
     assert every_file(out) == clean
     # Shards recorded as finished were verified and reused, not rewritten.
     assert {name: _identity(out / name) for name in kept} == kept
 
 
 @pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete"])
-def test_a_damaged_finished_shard_is_rewritten(
-    tmp_path: Path, clean: dict[str, bytes], damage: str
+def test_a_damaged_finished_folder_is_found_by_verify_and_rewritten_with_overwrite(
+    tmp_path: Path, clean: dict[str, bytes], damage: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "hf"
     assert convert(out, *ONE_TENSOR_PER_FILE) == 0
-    victim, untouched = shards(out)[3], shards(out)[4]
-    before = _identity(untouched)
+    victim = shards(out)[3]
     if damage == "flip a byte":
         data = bytearray(victim.read_bytes())
         data[-5] ^= 0x40
@@ -124,9 +129,12 @@ def test_a_damaged_finished_shard_is_rewritten(
         os.truncate(victim, victim.stat().st_size - 1)
     else:
         victim.unlink()
-    assert convert(out, *ONE_TENSOR_PER_FILE) == 0
+    assert main(["verify", str(out)]) == 1
+    assert victim.name in capsys.readouterr().out
+    assert convert(out, *ONE_TENSOR_PER_FILE) == 2  # a finished folder: not without --overwrite
+    assert "holds a finished ms2hf conversion" in capsys.readouterr().err
+    assert convert(out, *ONE_TENSOR_PER_FILE, "--overwrite") == 0
     assert every_file(out) == clean
-    assert _identity(untouched) == before
 
 
 def test_leftover_partial_files_are_removed(tmp_path: Path, clean: dict[str, bytes]) -> None:
@@ -136,16 +144,17 @@ def test_leftover_partial_files_are_removed(tmp_path: Path, clean: dict[str, byt
         ".model-00002-of-00047.safetensors.ms2hf-partial",
         f".{RUN_RECORD}.ms2hf-partial",
         ".model.safetensors.index.json.ms2hf-partial",
+        ".model-00003-of-00009.safetensors.ms2hf-partial",  # of another layout
     ):
         (out / name).write_bytes(b"left by a killed run")
-    assert convert(out, *ONE_TENSOR_PER_FILE) == 0
+    assert convert(out, *ONE_TENSOR_PER_FILE, "--overwrite") == 0
     assert every_file(out) == clean
 
 
 def test_same_bytes_for_any_worker_count_and_budget(
     tmp_path: Path, clean: dict[str, bytes]
 ) -> None:
-    for workers, budget in (("2", "1MiB"), ("3", "64MiB")):
+    for workers, budget in (("2", "2MiB"), ("3", "64MiB")):
         out = tmp_path / f"w{workers}"
         assert (
             convert(out, "--max-shard-size", "1", "--memory-budget", budget, "--workers", workers)
@@ -179,7 +188,7 @@ def test_a_different_run_is_refused_unless_overwrite(
     (out / "notes.txt").write_text("mine")  # a user file in an ms2hf folder
     before = every_file(out)
     assert convert(out, "--max-shard-size", "300KB") == 2
-    assert "holds the output of a different ms2hf run" in capsys.readouterr().err
+    assert "holds a finished ms2hf conversion" in capsys.readouterr().err
     assert every_file(out) == before
     assert convert(out, "--max-shard-size", "300KB", "--overwrite") == 0
     assert convert(reference, "--max-shard-size", "300KB") == 0
@@ -205,8 +214,8 @@ def test_two_runs_never_share_a_folder(tmp_path: Path, capsys: pytest.CaptureFix
     fd = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # as a running ms2hf holds it
-        assert convert(out) == 2
+        assert convert(out, "--overwrite") == 2
         assert f"{out}: another ms2hf run is writing into this folder" in capsys.readouterr().err
     finally:
         os.close(fd)
-    assert convert(out) == 0
+    assert convert(out, "--overwrite") == 0

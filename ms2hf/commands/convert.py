@@ -21,7 +21,8 @@ from ms2hf.io.config_files import ConfigValue, Given
 from ms2hf.io.hf_output import HF_INDEX, HF_METADATA, copy_file, index_document, write_json
 from ms2hf.io.sources.legacy import plan_source
 from ms2hf.io.sources.plan import SourcePlan
-from ms2hf.io.tokenizer_files import find_tokenizer_files
+from ms2hf.io.tokenizer_files import find_tokenizer_files, same_file, usability_notes
+from ms2hf.io.unified_format import PARAM_NAME_MAP
 from ms2hf.pipeline.engine.budget import format_size
 from ms2hf.pipeline.engine.execute import SmallFile
 from ms2hf.pipeline.given import given_values, origin_lines
@@ -93,6 +94,11 @@ class ConvertReport:
     seconds: float
     config_origins: dict[str, str]
     tokenizer_files: list[str] = field(default_factory=list)
+    """Tokenizer and generation files copied in."""
+    tokenizer_kept: list[str] = field(default_factory=list)
+    """Tokenizer files ``--tokenizer-dir`` named that were already in place (the output folder)."""
+    notes: list[str] = field(default_factory=list)
+    """What the folder still lacks to be used as a model repository."""
     peak_rss_bytes: int = 0
     """The process's largest resident size, page cache of the mapped inputs included."""
     peak_anonymous_bytes: int = 0
@@ -105,12 +111,17 @@ class ConvertReport:
         return self.bytes_written / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
-        return (
+        lines = [
             f"wrote {self.tensors} tensors ({format_size(self.bytes_written)}) in "
             f"{len(self.files)} file(s) to {self.output_dir} in {self.seconds:.1f} s "
             f"({self.gb_per_s:.2f} GB/s); read {format_size(self.bytes_read)} of model weights; "
             f"peak memory {format_size(self.peak_anonymous_bytes)} anonymous"
-        )
+        ]
+        if self.tokenizer_files:
+            lines.append(f"copied {', '.join(self.tokenizer_files)}")
+        if self.tokenizer_kept:
+            lines.append(f"kept in place: {', '.join(self.tokenizer_kept)}")
+        return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return {**jsonable(self), "gb_per_s": self.gb_per_s}
@@ -136,24 +147,38 @@ def plan_for(source: SourcePlan, options: ConvertOptions, given: Given) -> HfPla
 def write_hf_checkpoint(
     source: SourcePlan, out_dir: Path, options: ConvertOptions, given: Given
 ) -> ConvertReport:
-    """The shared back half of ``convert`` and ``reverse``: model rules, shards, index, config."""
+    """The shared back half of ``convert`` and ``reverse``: model rules, shards, index, config.
+    Tokenizer files already in ``out_dir`` (``--tokenizer-dir`` naming it) stay where they are."""
     plan = plan_for(source, options, given)
     model = plan.model
     tokenizer = find_tokenizer_files(options.tokenizer_dir) if options.tokenizer_dir else []
+    copies = [path for path in tokenizer if not same_file(path, out_dir / path.name)]
     log.info("%s: %d tensors", model.model_type, len(model.outputs))
     log.info("config.json values, by where they came from:")
     for line in origin_lines(model.config):
         log.info("%s", line)
     config = config_json(model.config)
-    index = index_document(plan.weight_map, plan.nbytes, plan.parameters)
     then = [
-        *(SmallFile(path.name, partial(copy_file, path)) for path in tokenizer),
+        *(SmallFile(path.name, partial(copy_file, path)) for path in copies),
         SmallFile("config.json", lambda path: write_json(path, config)),
-        SmallFile(HF_INDEX, lambda path: write_json(path, index)),
     ]
+    index = index_document(plan.weight_map, plan.nbytes, plan.parameters)
+    inputs = [p for p in (options.config, options.reference_config, *tokenizer) if p is not None]
     stats = run_plan(
-        source, out_dir, plan.files, source.params, HF_METADATA, then, options, "convert"
+        source,
+        out_dir,
+        plan.files,
+        source.params,
+        HF_METADATA,
+        then,
+        index,
+        options,
+        "convert",
+        inputs=inputs,
     )
+    notes = usability_notes(out_dir)
+    for note in notes:
+        log.info("note: %s", note)
     return ConvertReport(
         output_dir=out_dir,
         model_type=model.model_type,
@@ -163,11 +188,33 @@ def write_hf_checkpoint(
         bytes_read=stats.bytes_read,
         seconds=stats.seconds,
         config_origins={k: v.origin for k, v in model.config.items()},
-        tokenizer_files=[path.name for path in tokenizer],
+        tokenizer_files=[path.name for path in copies],
+        tokenizer_kept=[path.name for path in tokenizer if path not in copies],
+        notes=notes,
         peak_rss_bytes=stats.peak_rss_bytes,
         peak_anonymous_bytes=stats.peak_anonymous_bytes,
         read_ranges=stats.read_ranges,
     )
+
+
+def _not_another_kind(root: Path) -> None:
+    """A folder that is already a Hugging Face checkpoint, or a merged one, is named as such
+    rather than reported as a training output without ``checkpoint/``."""
+    if (root / "checkpoint").exists():
+        return
+    if (root / HF_INDEX).is_file() or (
+        (root / "config.json").is_file() and any(root.glob("*.safetensors"))
+    ):
+        raise FormatError(
+            f"{root}: is a Hugging Face checkpoint (config.json and *.safetensors), already "
+            "converted; convert reads a training output (checkpoint/ and strategy/). "
+            f"`ms2hf verify {root}` checks it, `ms2hf inspect {root}` describes it"
+        )
+    if (root / PARAM_NAME_MAP).is_file():
+        raise FormatError(
+            f"{root}: is a unified (merged) MindSpore checkpoint ({PARAM_NAME_MAP}); convert it "
+            f"with `ms2hf reverse --input_path {root} --output_path HF_DIR`"
+        )
 
 
 def convert(
@@ -192,6 +239,7 @@ def convert(
                 f"{root}: training output folder does not exist (expected a folder holding "
                 "checkpoint/ and strategy/)"
             )
+        _not_another_kind(root)
         checkpoint_dir = checkpoint_dir or root / "checkpoint"
         strategy_dir = strategy_dir or root / "strategy"
     given = gather_given(options)

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.io.safetensors_reader import SafetensorsHeader
-from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources.legacy import find_rank_dirs, incomplete_steps, plan_source
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.io.sources.unified import plan_unified
 from ms2hf.io.tokenizer_files import find_tokenizer_files
@@ -137,6 +137,8 @@ class InspectReport:
     scalars: tuple[TensorReport, ...]
     model: ModelReport
     output: OutputReport | None
+    incomplete_steps: dict[str, list[int]] = field(default_factory=dict)
+    """Steps some rank folders lack (newest first), with the ranks lacking them."""
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = jsonable(self)
@@ -171,9 +173,9 @@ def inspect(path: str | os.PathLike[str], options: ConvertOptions | None = None)
         return inspect_hf(path)
     if kind == TRAINING:
         source = plan_source(path / "checkpoint", path / "strategy", options.step)
-    else:
-        source = plan_unified(path)
-    return inspect_source(path, kind, source, options)
+        incomplete = incomplete_steps(find_rank_dirs(path / "checkpoint"))
+        return replace(inspect_source(path, kind, source, options), incomplete_steps=incomplete)
+    return inspect_source(path, kind, plan_unified(path), options)
 
 
 def _grouped_experts(model: HfModel | None) -> frozenset[str]:

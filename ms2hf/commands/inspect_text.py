@@ -107,6 +107,12 @@ def summary_lines(report: InspectReport) -> list[str]:
             f"step {report.step}: {report.ranks} ranks, {report.stages} pipeline stage(s) of "
             f"{report.ranks // report.stages}; {saved}"
         )
+        for step, missing in report.incomplete_steps.items():
+            lines += _wrapped(
+                f"incomplete step {step}: missing in "
+                + ", ".join(f"rank_{r}" for r in missing)
+                + " (not converted unless every rank has it)"
+            )
     counts = [f"model weights {format_size(b.weights)}"]
     if b.weights_saved != b.weights:
         counts[0] += f" ({format_size(b.weights_saved)} as saved, with replicas)"

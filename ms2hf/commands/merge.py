@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ms2hf.errors import ModelError
 from ms2hf.io.config_files import read_train_config
-from ms2hf.io.hf_output import index_document, write_json
+from ms2hf.io.hf_output import index_document
 from ms2hf.io.sources.legacy import plan_source
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.io.unified_format import (
@@ -30,8 +30,7 @@ from ms2hf.io.unified_format import (
     unified_dir,
 )
 from ms2hf.pipeline.engine.budget import format_size
-from ms2hf.pipeline.engine.execute import SmallFile
-from ms2hf.pipeline.engine.output_dir import RUN_RECORD
+from ms2hf.pipeline.engine.output_dir import RUN_RECORD, UNIFIED_FOLDER
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
 from ms2hf.pipeline.run import RunOptions, as_path, check_positive, run_plan
 from ms2hf.transforms import pieces
@@ -190,9 +189,20 @@ def merge(
         len(source.scalars),
         format_size(source.optimizer_bytes),
     )
-    then = [SmallFile(PARAM_NAME_MAP, lambda path: write_json(path, document))]
+    params_read = {**params, **source.scalars}
+    inputs = [options.config] if options.config else []
     stats = run_plan(
-        source, out, files, {**params, **source.scalars}, METADATA, then, options, "merge"
+        source,
+        out,
+        files,
+        params_read,
+        METADATA,
+        [],
+        document,
+        options,
+        "merge",
+        UNIFIED_FOLDER,
+        inputs,
     )
     written = {f.name for f in files} | {PARAM_NAME_MAP, RUN_RECORD}
     others = sorted(p.name for p in out.iterdir() if p.name not in written)

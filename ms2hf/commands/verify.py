@@ -33,7 +33,7 @@ from ms2hf.io.sources.plan import SourceParam
 from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
 from ms2hf.pipeline.engine.checks import first_difference
-from ms2hf.pipeline.engine.output_dir import RUN_RECORD, read_run_record
+from ms2hf.pipeline.engine.output_dir import RUN_RECORD, read_finished, read_run_record
 from ms2hf.transforms.casts import TARGETS, output_dtype
 from ms2hf.transforms.pieces import OutputTensor
 from ms2hf.transforms.registry import expected_tensors, hf_model
@@ -184,19 +184,24 @@ def _check_shapes(
 
 
 def _check_record(folder: Path, headers: Mapping[str, object], report: VerifyReport) -> None:
-    """Shards a recorded ms2hf run finished must still be the bytes it wrote."""
+    """Shards an ms2hf run finished must still be the bytes it wrote: the digests a finished run
+    left in the index, or those an unfinished run recorded so far (it never finished the rest)."""
     record = read_run_record(folder)
-    if record is None:
-        return
-    if not record:
+    if record == {}:
         report.problems.append(f"{RUN_RECORD}: unreadable")
         return
-    for name in sorted(set(record["shards"]) - set(record["finished"])):
-        report.problems.append(f"{name}: the ms2hf run writing this folder never finished it")
-    for name, digest in sorted(record["finished"].items()):
+    if record is not None:
+        for name in sorted(set(record["shards"]) - set(record["finished"])):
+            report.problems.append(f"{name}: the ms2hf run writing this folder never finished it")
+        digests, where = record["finished"], RUN_RECORD
+    else:
+        digests, where = read_finished(folder), HF_INDEX
+        if digests is None:
+            return
+    for name, digest in sorted(digests.items()):
         if name in headers and file_digest(folder / name) != digest:
-            report.problems.append(f"{name}: bytes differ from what ms2hf wrote ({RUN_RECORD})")
-    report.checked.append(f"digests in {RUN_RECORD}")
+            report.problems.append(f"{name}: bytes differ from what ms2hf wrote ({where})")
+    report.checked.append(f"digests in {where}")
 
 
 def _compare_tensor(

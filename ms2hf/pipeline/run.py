@@ -22,9 +22,9 @@ from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
 from ms2hf.pipeline.engine.checks import FiniteCheck, check_replicas
-from ms2hf.pipeline.engine.execute import SmallFile, write_files
+from ms2hf.pipeline.engine.execute import Index, SmallFile, write_files
 from ms2hf.pipeline.engine.memory import MemorySampler, peak_rss_bytes
-from ms2hf.pipeline.engine.output_dir import prepare_output_dir
+from ms2hf.pipeline.engine.output_dir import HF_FOLDER, FolderKind, prepare_output_dir
 from ms2hf.pipeline.engine.progress import Progress
 from ms2hf.pipeline.plan import PlannedFile
 
@@ -108,16 +108,20 @@ def run_plan(
     params: Mapping[str, SourceParam],
     metadata: Mapping[str, str],
     then: Sequence[SmallFile],
+    index: Index,
     options: RunOptions,
     label: str,
+    kind: FolderKind = HF_FOLDER,
+    inputs: Sequence[Path] = (),
 ) -> RunStats:
-    """Check the replicas if asked, then write ``files`` (reading ``params``) and then the small
-    files ``then`` into ``out_dir``; nothing is created before the checks pass."""
+    """Check the replicas if asked, then write ``files`` (reading ``params``), the small files
+    ``then`` and the index into ``out_dir``; nothing is created before the checks pass.
+    ``inputs`` are the files besides the source's that the run reads: never removed."""
     started = time.perf_counter()
     if options.check_replicas:
         with MappedFiles() as mapped:
             check_replicas(source, mapped)
-    prepare_output_dir(out_dir, options.overwrite)
+    prepare_output_dir(out_dir, options.overwrite, kind)
     budget = MemoryBudget.resolve(options.memory_budget, options.workers)
     total = sum(f.nbytes for f in files)
     log.info(
@@ -144,8 +148,20 @@ def run_plan(
             mapped,
             FiniteCheck(options.strict),
             then=then,
+            index=index,
             overwrite=options.overwrite,
+            kind=kind,
+            inputs=[*inputs, *(f.path for f in source.files)],
         )
+    for f in files:
+        log.debug("  %s: %d tensors, %s", f.name, len(f.tensors), format_size(f.nbytes))
+    log.debug(
+        "%s: read %s from %d source file(s); peak %s anonymous",
+        label,
+        format_size(mapped.bytes_viewed),
+        len(source.files),
+        format_size(memory.peak_anonymous),
+    )
     return RunStats(
         bytes_read=mapped.bytes_viewed,
         seconds=time.perf_counter() - started,

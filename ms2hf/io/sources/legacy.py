@@ -14,6 +14,7 @@ recorded for accounting but never scheduled for reading.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -26,6 +27,8 @@ from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
 from ms2hf.io.sources.plan import Block, SourceFile, SourceParam, SourcePlan, whole_param
 from ms2hf.io.sources.strategy import Strategy, load_strategy
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
+
+log = logging.getLogger("ms2hf")
 
 _RANK_DIR = re.compile(r"^rank_(\d+)$")
 _STEP = re.compile(r"-(\d+)_(\d+)\.safetensors$")
@@ -71,8 +74,30 @@ def _step_key(step: str) -> tuple[int, int]:
     return int(epoch), int(sub)
 
 
+def incomplete_steps(rank_dirs: Mapping[int, Path]) -> dict[str, list[int]]:
+    """Steps some rank folders have and others lack (a save interrupted, or still being
+    written), each with the ranks that lack it; newest first."""
+    per_rank = {rank: set(_steps(d)) for rank, d in rank_dirs.items()}
+    return _incomplete(per_rank)
+
+
+def _incomplete(per_rank: Mapping[int, set[str]]) -> dict[str, list[int]]:
+    every = set.union(*per_rank.values()) if per_rank else set()
+    return {
+        step: [r for r, steps in per_rank.items() if step not in steps]
+        for step in sorted(every, key=_step_key, reverse=True)
+        if any(step not in steps for steps in per_rank.values())
+    }
+
+
+def _ranks(ranks: list[int]) -> str:
+    shown = ", ".join(f"rank_{r}" for r in ranks[:8])
+    return shown + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
+
+
 def select_step(rank_dirs: dict[int, Path], step: str | None = None) -> tuple[str, dict[int, Path]]:
-    """The chosen step and each rank's file for it; the newest step every rank has by default."""
+    """The chosen step and each rank's file for it; the newest step every rank has by default,
+    with a warning naming the ranks that lack a newer one."""
     per_rank = {rank: _steps(d) for rank, d in rank_dirs.items()}
     if step is None:
         common = set.intersection(*(set(s) for s in per_rank.values()))
@@ -85,6 +110,20 @@ def select_step(rank_dirs: dict[int, Path], step: str | None = None) -> tuple[st
             )
             raise FormatError(f"{rank_dirs[min(rank_dirs)].parent}: {where}")
         step = max(common, key=_step_key)
+        newer = {
+            s: missing
+            for s, missing in _incomplete({r: set(f) for r, f in per_rank.items()}).items()
+            if _step_key(s) > _step_key(step)
+        }
+        for s, missing in newer.items():
+            log.warning(
+                "warning: step %s is missing in %s of %s (a save interrupted or still being "
+                "written?); using step %s, the newest every rank has (--step chooses)",
+                s,
+                _ranks(missing),
+                rank_dirs[min(rank_dirs)].parent,
+                step,
+            )
     chosen: dict[int, Path] = {}
     for rank, steps in per_rank.items():
         files = steps.get(step, [])
@@ -140,20 +179,19 @@ def build_source_plan(
 ) -> SourcePlan:
     world = len(ranks)
     stages = strategy.num_stages
+    missing = sorted(r for r in strategy.rank_stage if r >= world)
+    if missing:
+        raise CoverageError(
+            f"{headers[0].path.parent.parent}: no folder for {_ranks(missing)}: the strategy "
+            f"files ({strategy.source}) describe ranks 0 to {max(missing)}, the checkpoint has "
+            f"rank_0 to rank_{world - 1} (a rank folder not copied, or a strategy of another run?)"
+        )
     if world % stages:
         raise LayoutError(
             f"{strategy.source}: {world} rank folders cannot form {stages} pipeline stages "
             "of equal size"
         )
     per_stage = world // stages
-    extra = sorted(r for r in strategy.rank_stage if r >= world)
-    if extra:
-        raise LayoutError(
-            f"{strategy.source}: has strategy files for rank {extra[0]} and beyond, but the "
-            f"checkpoint has only {world} rank folders (strategy and checkpoint from different "
-            "runs?)"
-        )
-
     files: list[SourceFile] = []
     collecting: dict[str, _Collecting] = {}
     scalars: dict[str, SourceParam] = {}

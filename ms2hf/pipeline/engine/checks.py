@@ -17,17 +17,23 @@ a flag. Byte ranges are compared in bounded chunks (``first_difference``), as ``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ms2hf.errors import LayoutError, ModelError
 from ms2hf.io.dtypes import nbytes as tensor_nbytes
+from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.sources.plan import Block, SourceParam, SourcePlan
+from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
+from ms2hf.pipeline.engine.budget import MAX_BAND_BYTES
 from ms2hf.pipeline.plan import PlannedTensor
+from ms2hf.transforms.pieces import OutputTensor
 
 log = logging.getLogger("ms2hf")
 
@@ -63,28 +69,50 @@ def has_nonfinite(values: np.ndarray, dtype: str) -> bool:
     return False
 
 
+def source_has_nonfinite(tensor: OutputTensor, param: SourceParam, files: MappedFiles) -> bool:
+    """Whether the source rows of ``tensor`` already hold NaN or inf, before any cast or scale:
+    read only when a written band was found non-finite, to say which it was."""
+    plain = dataclasses.replace(tensor, scale=1.0)
+    dtype = to_numpy(param.dtype)
+    buffer = fit_row(np.empty(MAX_BAND_BYTES, np.uint8), plain, dtype)
+    bands = assembled_bands(plain, dtype, buffer, param, files)
+    return any(has_nonfinite(band, param.dtype) for _, band, _ in bands)
+
+
+F16_MAX = 65504.0
+
+
 @dataclass(frozen=True)
 class FiniteCheck:
-    """The band check of ``write_files``: warn once per tensor, or fail when ``strict``."""
+    """The band check of ``write_files``: warn once per tensor, or fail when ``strict``. It
+    tells NaN or inf already in the training checkpoint from values the cast made infinite."""
 
     strict: bool
     _warned: set[str] = field(default_factory=set, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def __call__(self, planned: PlannedTensor, band: np.ndarray) -> None:
+    def __call__(
+        self, planned: PlannedTensor, band: np.ndarray, in_source: Callable[[], bool]
+    ) -> None:
         if not has_nonfinite(band, planned.dtype):
             return
         tensor = planned.tensor
-        what = (
-            f"tensor {tensor.name!r} (from parameter {tensor.source!r}, written as "
-            f"{planned.dtype}) contains NaN or inf values"
-        )
-        if self.strict:
-            raise ModelError(f"{what}; --strict refuses non-finite weights")
         with self._lock:
-            if tensor.name in self._warned:
+            if tensor.name in self._warned and not self.strict:
                 return
             self._warned.add(tensor.name)
+        what = f"tensor {tensor.name!r} (from parameter {tensor.source!r}"
+        if in_source():
+            what += ") holds NaN or inf already in the training checkpoint (training diverged?)"
+        else:
+            limit = f" (largest F16 value: {F16_MAX:g})" if planned.dtype == "F16" else ""
+            scaled = f" after the routing scale {tensor.scale}" if tensor.scale != 1.0 else ""
+            what += (
+                f"): finite values beyond {planned.dtype}'s range{limit}{scaled} became inf in "
+                f"the cast to {planned.dtype}; --dtype bf16 keeps the training dtype's range"
+            )
+        if self.strict:
+            raise ModelError(f"{what}; --strict refuses non-finite weights")
         log.warning("warning: %s (--strict makes this an error)", what)
 
 

@@ -20,25 +20,29 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ms2hf.errors import FormatError
+from ms2hf.errors import FormatError, OutputError
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, layout_shard
 from ms2hf.io.sources.plan import SourceParam
 from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.engine.budget import MemoryBudget
-from ms2hf.pipeline.engine.output_dir import OutputRun, claim_output_dir
+from ms2hf.pipeline.engine.checks import source_has_nonfinite
+from ms2hf.pipeline.engine.output_dir import HF_FOLDER, FolderKind, OutputRun, claim_output_dir
 from ms2hf.pipeline.engine.progress import Progress
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
 
-BandCheck = Callable[[PlannedTensor, np.ndarray], None]
-"""Called on every assembled band before it is written (finiteness checks). Its ``repr`` is
-part of the plan's fingerprint (a rerun with another check is another run), so it must be stable:
-a frozen dataclass, not a lambda."""
+BandCheck = Callable[[PlannedTensor, np.ndarray, Callable[[], bool]], None]
+"""Called on every assembled band before it is written (finiteness checks), with a function
+telling whether the tensor's source already holds NaN or inf (read only when asked). Its
+``repr`` is part of the plan's fingerprint (a rerun with another check is another run), so it
+must be stable: a frozen dataclass, not a lambda."""
 
 log = logging.getLogger("ms2hf")
 
@@ -126,9 +130,10 @@ class _Run:
         dtype = to_numpy(planned.dtype)
         buffer = fit_row(buffer, tensor, dtype)
         param = self.params[tensor.source]
+        in_source = partial(source_has_nonfinite, tensor, param, self.mapped)
         for offset, band, raw in assembled_bands(tensor, dtype, buffer, param, self.mapped):
             if self.check is not None:
-                self.check(planned, band)
+                self.check(planned, band, in_source)
             writer.write(tensor.name, offset, raw)
             self.progress.advance(len(raw))
         return buffer
@@ -176,6 +181,15 @@ def _fingerprint(
     return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
+Index = Mapping[str, Any]
+"""The document a run writes last under its folder kind's index name (``model.safetensors.
+index.json``, ``param_name_map.json``): its presence means the set is complete."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by the user after it claimed its folder: the message says what is kept."""
+
+
 def write_files(
     out_dir: Path,
     files: Sequence[PlannedFile],
@@ -187,15 +201,19 @@ def write_files(
     check: BandCheck | None = None,
     *,
     then: Sequence[SmallFile] = (),
+    index: Index,
     overwrite: bool = False,
+    kind: FolderKind = HF_FOLDER,
+    inputs: Sequence[Path] = (),
 ) -> None:
     """Write every planned file into ``out_dir`` (accepted by ``prepare_output_dir``), then the
-    small files ``then`` in order, the index last; resume a killed run of the same plan; on
-    failure, leave none of the files half-written."""
+    small files ``then`` and the index, last; resume an unfinished run of the same plan; on
+    failure, leave none of the files half-written, and say that rerunning resumes."""
     layouts = {f.name: layout_shard([t.entry for t in f.tensors], metadata) for f in files}
     fingerprint = _fingerprint(files, params, metadata, check)
     sizes = {name: layout.size for name, layout in layouts.items()}
-    with claim_output_dir(out_dir, fingerprint, sizes, [s.name for s in then], overwrite) as output:
+    names = [s.name for s in then]
+    with claim_output_dir(out_dir, fingerprint, sizes, names, overwrite, kind, inputs) as output:
         pending = [f for f in files if f.name not in output.finished]
         if len(pending) < len(files):
             log.info(
@@ -205,9 +223,15 @@ def write_files(
                 out_dir,
             )
             progress.advance(sum(f.nbytes for f in files if f.name in output.finished))
-        _execute(_Run(output, pending, layouts, params, budget, progress, mapped, check))
-        for small in then:
-            small.write(out_dir / small.name)
+        try:
+            _execute(_Run(output, pending, layouts, params, budget, progress, mapped, check))
+            for small in then:
+                small.write(out_dir / small.name)
+            output.finish(kind, index)
+        except OutputError as e:
+            raise OutputError(f"{e}; {output.progress} once the cause is fixed") from e
+        except KeyboardInterrupt as e:
+            raise Interrupted(f"no partial file was left behind; {output.progress}") from e
 
 
 def _execute(run: _Run) -> None:
