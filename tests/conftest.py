@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def examples(n: int) -> int:
 
 
 DATA = Path(__file__).parent / "data"
+CONFIGS = Path(__file__).parent / "configs"
+"""Stand-ins for users' training yamls and reference configs (tests/configs/README.md)."""
 DENSE_FIXTURES = [
     "tiny_fp32",
     "tiny_bf16_dedup",
@@ -108,3 +111,13 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str
     """``ms2hf ARGV...`` in-process: its exit status and what it printed to stderr."""
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
+
+
+def fitting_tokens(name: str, dest: Path) -> Path:
+    """``tests/configs/NAME`` with its token ids replaced by ids the tiny model's vocabulary
+    has (the genuine ones are past it), everything else as it is; written to ``dest``."""
+    text = (CONFIGS / name).read_text()
+    for key, token in (("bos_token_id", 1), ("eos_token_id", 2), ("pad_token_id", 0)):
+        text = re.sub(rf'("?{key}"?:\s*)\d+', rf"\g<1>{token}", text)
+    dest.write_text(text)
+    return dest
