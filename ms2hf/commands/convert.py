@@ -67,9 +67,9 @@ class ConvertOptions(RunOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dtype not in TARGETS:
+        if not isinstance(self.dtype, str) or self.dtype not in TARGETS:
             raise option_error("dtype", self.dtype, f"one of {', '.join(TARGETS)}")
-        if self.shard_layout not in SHARD_LAYOUTS:
+        if not isinstance(self.shard_layout, str) or self.shard_layout not in SHARD_LAYOUTS:
             raise option_error("shard_layout", self.shard_layout, f"one of {SHARD_LAYOUTS}")
         check_positive(self, "max_shard_size")
         if self.routing_scale not in (None, *ROUTING_POLICIES):

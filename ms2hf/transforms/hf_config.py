@@ -116,7 +116,7 @@ def value_problems(
 def rope_parameters(theta: ConfigValue, scaling: ConfigValue) -> ConfigValue:
     """transformers 5 reads rope settings only from ``rope_parameters``, older stacks only from
     ``rope_theta``/``rope_scaling``; writing both keeps every loader on the same values."""
-    rope = dict(scaling.value or {"rope_type": "default"})
+    rope = dict(scaling.value) if isinstance(scaling.value, dict) else {"rope_type": "default"}
     return ConfigValue({**rope, "rope_theta": theta.value}, theta.origin)
 
 
