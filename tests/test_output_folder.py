@@ -84,13 +84,18 @@ def test_tokenizer_dir_naming_the_output_folder_keeps_every_file(
     assert_matches_ground_truth(out, TINY, "bf16")
 
 
+@pytest.mark.parametrize("reference", [True, False])
 def test_a_failed_run_loses_no_file_it_reads_or_copies(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], reference: bool
 ) -> None:
+    """Whether config.json is the run's reference config or a file the run would replace, it
+    stays until a new one is written."""
     out = tmp_path / "mymodel"
     files = model_folder_copy(out)
     argv = ["convert", poisoned(tmp_path), out, "--tokenizer-dir", out, "--overwrite", "--strict"]
-    code, err = run(capsys, *argv, "--reference-config", out / "config.json")
+    if reference:
+        argv += ["--reference-config", out / "config.json"]
+    code, err = run(capsys, *argv)
     assert code == 2 and "--strict refuses non-finite weights" in err
     for name, data in files.items():  # the tokenizer, the reference config, the model card
         assert (out / name).read_bytes() == data, name
