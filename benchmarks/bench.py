@@ -75,7 +75,9 @@ def bytecode_env(prefix: Path) -> dict[str, str]:
 
 
 class Bench:
-    def __init__(self, cache: Path, repeat: int, log: Callable[[str], None]) -> None:
+    def __init__(
+        self, cache: Path, repeat: int, log: Callable[[str], None], quick: bool = False
+    ) -> None:
         self.out = cache / "scratch" / "out"
         """Every case writes below here."""
         self.plans = cache / "scratch" / "plans"
@@ -85,6 +87,9 @@ class Bench:
         self.kept: set[Path] = set()
         self.fastest = 0.0
         """The best reference-cast speed seen so far: the machine at its usual speed."""
+        self.attempts, self.wait_seconds = (1, 0.0) if quick else (ATTEMPTS, WAIT_SECONDS)
+        """A quick run checks the harness, not the figures: no run is done again, no waiting
+        for a busy host to calm down."""
         self.out.mkdir(parents=True, exist_ok=True)
         self.plans.mkdir(parents=True, exist_ok=True)
         self.cold_note = measure.drop_caches()
@@ -127,12 +132,12 @@ class Bench:
         the host slowed down (the cast just after it below that) is done again, at most
         ``ATTEMPTS`` times in all, and kept in the record as discarded."""
         discarded: list[dict] = []
-        for attempt in range(1, ATTEMPTS + 1):
+        for attempt in range(1, self.attempts + 1):
             self._prepare(case, cache_state, ranges)
             record = self._measure(case)
             self.fastest = max(self.fastest, *record["cpu_speed_gb_per_s"])
             slowed = min(record["cpu_speed_gb_per_s"]) < SLOWED * self.fastest
-            if not slowed or attempt == ATTEMPTS:
+            if not slowed or attempt == self.attempts:
                 break
             discarded.append(record)
             self.log(f"  (host slowed during the run: {record['seconds']:.2f} s discarded)")
@@ -149,7 +154,7 @@ class Bench:
         """The reference-cast speed once the machine runs at its usual speed again, waiting up
         to ``WAIT_SECONDS`` for it (a busy host comes and goes within seconds)."""
         waited = 0.0
-        while (speed := cpu_speed()) < SLOWED * self.fastest and waited < WAIT_SECONDS:
+        while (speed := cpu_speed()) < SLOWED * self.fastest and waited < self.wait_seconds:
             time.sleep(0.5)
             waited += 0.5
         return speed

@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -25,7 +26,19 @@ from typing import BinaryIO
 import numpy as np
 
 SAMPLE_SECONDS = 0.01
-MEMCAP = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap"
+MEMCAP_BESIDE = Path(__file__).resolve().parents[2] / "shared" / "tools" / "memcap"
+"""Where the project's machines keep ``memcap``: ``../shared/tools/memcap`` from the repository."""
+
+
+def find_memcap() -> Path:
+    """``memcap`` beside the repository, else on the PATH (else the expected place, to name)."""
+    if MEMCAP_BESIDE.exists():
+        return MEMCAP_BESIDE
+    found = shutil.which("memcap")
+    return Path(found) if found else MEMCAP_BESIDE
+
+
+MEMCAP = find_memcap()
 _MEMCAP_LINE = re.compile(r"memcap: peak=(\d+) limit=(\d+) oom=(\d) rc=(-?\d+)")
 
 

@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = args.cache.resolve() / ("quick" if args.quick else "")
     roots = {name: ensure(w, cache, log) for name, w in workloads.items()}
     shapes = {name: jobs.workload_shape(root) for name, root in roots.items()}
-    bench = Bench(cache, repeat, log)
+    bench = Bench(cache, repeat, log, quick=args.quick)
     if args.quick:
         log("quick: small workloads, one run each; a smoke check of the harness, not figures")
     if bench.cold_note:
@@ -290,6 +290,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(doc, indent=1))
     log(f"wrote {out_json} ({time.perf_counter() - started:.0f} s)")
+    if args.quick:  # small stand-ins, one run each: the figures judge nothing, the checks do
+        passed = all(checks.values())
+        log(
+            "quick: the targets are not judged on the small stand-ins; the checks "
+            + ("passed" if passed else "FAILED")
+        )
+        return 0 if passed else 1
     return 0 if all(t["met"] for t in targets) else 1
 
 

@@ -1,0 +1,83 @@
+"""Every command of the README runs as written on a fresh clone (issue 12, item 9): its shell
+blocks (but installing, activating and the test run itself) and its Python block, in order, from
+the repository's folder, with the venv's ``ms2hf`` first on the PATH and ``/tmp/ms2hf`` moved
+into the test's own folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+SETUP = ("pip install", "python3 -m venv", "bin/activate", "pytest")
+"""Lines a user runs once to set up, not commands of the tool (they need the network)."""
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.DOTALL)
+
+
+def shell_script() -> str:
+    lines = [
+        line
+        for block in blocks("bash")
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.strip() and not any(s in line for s in SETUP)
+    ]
+    return "set -e\n" + "\n".join(lines) + "\n"
+
+
+def test_the_readme_has_commands_using_the_fixtures() -> None:
+    script = shell_script()
+    assert script.count("ms2hf ") >= 12 and "tests/data/" in script
+    assert not re.search(r"\b(output|hf_model|train_qwen3\.yaml)/", script)  # no placeholders
+
+
+def test_every_readme_command_runs_as_written(tmp_path: Path) -> None:
+    scratch = tmp_path / "ms2hf"
+    script = shell_script().replace("/tmp/ms2hf", str(scratch))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for folder in ("hf", "hf3", "mymodel", "settled", "moe", "hf_model"):
+        assert (scratch / folder / "model.safetensors.index.json").is_file(), folder
+    (python,) = blocks("python")
+    code = python.replace("/tmp/ms2hf", str(scratch))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 47 tensors" in proc.stdout
+
+
+def test_memcap_is_found_beside_the_repository_or_on_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``python -m benchmarks.run`` finds ``memcap`` by itself: ``../shared/tools/memcap`` from
+    the repository, else the PATH; without it the memory runs are skipped with a note."""
+    from benchmarks import measure
+
+    assert ROOT.parent / "shared" / "tools" / "memcap" == measure.MEMCAP_BESIDE
+    monkeypatch.setattr(measure, "MEMCAP_BESIDE", tmp_path / "nowhere" / "memcap")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert measure.find_memcap() == tmp_path / "nowhere" / "memcap"  # named when missing
+    (tmp_path / "memcap").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "memcap").chmod(0o755)
+    assert measure.find_memcap() == tmp_path / "memcap"
+
+
+@pytest.mark.parametrize("command", ["convert", "inspect", "verify", "merge", "reverse", "demo"])
+def test_each_command_has_help(command: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ms2hf.cli", command, "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and f"usage: ms2hf {command}" in proc.stdout
