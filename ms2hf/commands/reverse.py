@@ -6,15 +6,12 @@ unified folder instead of rank slices. The model, its sizes and the output are t
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 from ms2hf.commands.convert import ConvertOptions, ConvertReport, gather_given, write_hf_checkpoint
 from ms2hf.errors import ModelError
-from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.sources.unified import plan_unified
 from ms2hf.transforms.family import ModelFamily
 from ms2hf.transforms.registry import by_name, detect
@@ -32,19 +29,6 @@ def check_model_flag(model: str, detected: ModelFamily, where: Path) -> None:
         )
 
 
-def _check_size_flags(flags: Mapping[str, ConfigValue], detected: ModelFamily, where: Path) -> None:
-    """A size flag the detected family has no such size for is a claim the weights contradict
-    (expert flags on a dense model). A yaml may carry unused keys; only flags are checked here."""
-    sizes = {f.name for f in dataclasses.fields(detected.dims_type)}
-    for name, flag in flags.items():
-        if name not in sizes:
-            raise ModelError(
-                f"{flag.origin} = {flag.value!r} disagrees with {where}: it is a "
-                f"{detected.name} model, which has no {name} (no such tensors: a dense model "
-                "has no mlp.experts)"
-            )
-
-
 def reverse(
     input_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -60,7 +44,6 @@ def reverse(
     detected = detect({name: p.shape for name, p in source.params.items()})
     if model is not None:
         check_model_flag(model, detected, source_path)
-    _check_size_flags(options.given, detected, source_path)
     report = write_hf_checkpoint(source, Path(out_dir), options, given)
     report.seconds = time.perf_counter() - started
     return report

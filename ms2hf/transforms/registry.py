@@ -123,10 +123,14 @@ def family_problems(family: ModelFamily, given: Given) -> list[str]:
         else:
             wrong = name in foreign and stated is not None
         if wrong:
-            claims.setdefault(_source(value), []).append(f"{name} = {stated!r}")
+            item = f"{name} = {stated!r}" if ": " in value.origin else f"= {stated!r}"
+            claims.setdefault(_source(value), []).append(item)
     return [
         f"{source} describes another model ({', '.join(items)}), but the checkpoint is "
         f"{family.name} ({family.evidence}): the file of another run?"
+        if not items[0].startswith("=")
+        else f"{source} {items[0]} is a setting of another model, but the checkpoint is "
+        f"{family.name} ({family.evidence})"
         for source, items in claims.items()
     ]
 
