@@ -76,8 +76,9 @@ def test_memcap_is_found_beside_the_repository_or_on_the_path(
 
 
 @pytest.mark.parametrize("command", ["convert", "inspect", "verify", "merge", "reverse", "demo"])
-def test_each_command_has_help(command: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "ms2hf.cli", command, "--help"], capture_output=True, text=True
-    )
-    assert proc.returncode == 0 and f"usage: ms2hf {command}" in proc.stdout
+def test_each_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from ms2hf.cli import main
+
+    with pytest.raises(SystemExit) as status:
+        main([command, "--help"])
+    assert status.value.code == 0 and f"usage: ms2hf {command}" in capsys.readouterr().out
