@@ -154,6 +154,8 @@ def write_hf_checkpoint(
     tokenizer = find_tokenizer_files(options.tokenizer_dir) if options.tokenizer_dir else []
     copies = [path for path in tokenizer if not same_file(path, out_dir / path.name)]
     log.info("%s: %d tensors", model.model_type, len(model.outputs))
+    for note in model.notes:
+        log.info("note: %s", note)
     log.info("config.json values, by where they came from:")
     for line in origin_lines(model.config):
         log.info("%s", line)

@@ -7,7 +7,6 @@ new module defining a ``ModelFamily`` and one entry here.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +18,6 @@ from ms2hf.transforms.family import ModelFamily, Routing
 from ms2hf.transforms.hf_config import GIVEN_ONLY, build_config, value_problems
 from ms2hf.transforms.mappings import Context, Planned, TiedHead, WeightLayout, layer_keys
 from ms2hf.transforms.pieces import OutputTensor
-
-log = logging.getLogger("ms2hf")
 
 Shapes = Mapping[str, tuple[int, ...]]
 
@@ -80,6 +77,8 @@ class HfModel:
     outputs: tuple[OutputTensor, ...]
     skipped: Mapping[str, str]
     config: dict[str, ConfigValue]
+    notes: tuple[str, ...] = ()
+    """What the run should say about how the given settings were applied (a folded scale)."""
 
     @property
     def model_type(self) -> str:
@@ -169,10 +168,8 @@ def hf_model(
     problems += value_problems(family, config, settled)
     if problems:
         raise ModelError("; ".join(problems))
-    for note in routing.notes:
-        log.info("note: %s", note)
     planned = plan_outputs(family, shapes, dims, weight_layout(given), routing.expert_scale)
-    return HfModel(family, dims, planned.outputs, planned.skipped, config)
+    return HfModel(family, dims, planned.outputs, planned.skipped, config, routing.notes)
 
 
 @dataclass(frozen=True)
