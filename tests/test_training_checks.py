@@ -142,6 +142,10 @@ def test_the_4k_yaml_and_the_published_config_settled_from_the_command_line(
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["max_position_embeddings"] == 40960 and config["rms_norm_eps"] == 1e-6
     assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    # verify takes the genuine yaml (its token ids are past this vocabulary): only what shapes
+    # the bytes matters there
+    argv = ["verify", tmp_path / "hf", "--against", TINY, "--config", DENSE_YAML]
+    assert main([str(a) for a in argv]) == 0
 
 
 @pytest.mark.parametrize(
