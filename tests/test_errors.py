@@ -365,6 +365,7 @@ def test_output_disk_full_by_file_size_limit(tiny: Path) -> None:
     assert re.search(
         rf"{out}/model-\d{{5}}-of-\d{{5}}\.safetensors: write failed: File too large", line
     )
+    assert re.search(r"\d+ of \d+ file\(s\) finished and kept in .*; run the same command", line)
     _no_partial_or_index([p.name for p in out.iterdir()])
     for shard in out.glob("*.safetensors"):
         SafetensorsHeader(shard)  # complete, or it would not have its final name
@@ -426,6 +427,7 @@ def test_output_disk_full_on_a_small_tmpfs(tiny: Path) -> None:
     (line,) = proc.stderr.strip().splitlines()
     # The shard being written, or the run record updated after one: either way, named.
     assert re.search(rf"{out}/[^ ]+: (write failed|cannot write): No space left on device", line)
+    assert "run the same command again to resume" in line
     _no_partial_or_index(proc.stdout.split())
 
 
