@@ -16,10 +16,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ms2hf.errors import FormatError, ModelError, OutputError
+from ms2hf.errors import FormatError, ModelError
 from ms2hf.io.config_files import ConfigValue, Given
 from ms2hf.io.hf_output import HF_INDEX, HF_METADATA, copy_file, index_document, write_json
-from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources import plan_training_output
 from ms2hf.io.sources.plan import SourcePlan
 from ms2hf.io.tokenizer_files import find_tokenizer_files, same_file, usability_notes
 from ms2hf.io.unified_format import PARAM_NAME_MAP
@@ -209,7 +209,7 @@ def _not_another_kind(root: Path) -> None:
     ):
         raise FormatError(
             f"{root}: is a Hugging Face checkpoint (config.json and *.safetensors), already "
-            "converted; convert reads a training output (checkpoint/ and strategy/). "
+            "converted; convert reads a training output (the folder holding checkpoint/). "
             f"`ms2hf verify {root}` checks it, `ms2hf inspect {root}` describes it"
         )
     if (root / PARAM_NAME_MAP).is_file():
@@ -227,30 +227,21 @@ def convert(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     strategy_dir: str | os.PathLike[str] | None = None,
 ) -> ConvertReport:
-    """Convert ``training_output`` (holding ``checkpoint/`` and ``strategy/``) into ``out_dir``."""
+    """Convert ``training_output`` (the folder holding ``checkpoint/``, ``checkpoint/`` itself, or
+    one Checkpoint 2.0 ``iteration_XXXXXXXX/`` folder) into ``out_dir``."""
     options = options or ConvertOptions()
     started = time.perf_counter()
-    if checkpoint_dir is None or strategy_dir is None:
-        if training_output is None:
-            raise OutputError(
-                "give a training output folder, or both --checkpoint-dir and --strategy-dir"
-            )
-        root = Path(training_output)
-        if not root.is_dir():
-            raise FormatError(
-                f"{root}: training output folder does not exist (expected a folder holding "
-                "checkpoint/ and strategy/)"
-            )
-        _not_another_kind(root)
-        checkpoint_dir = checkpoint_dir or root / "checkpoint"
-        strategy_dir = strategy_dir or root / "strategy"
+    if training_output is not None and checkpoint_dir is None and Path(training_output).is_dir():
+        _not_another_kind(Path(training_output))
     given = gather_given(options)
-    source = plan_source(checkpoint_dir, strategy_dir, options.step)
+    source = plan_training_output(
+        training_output, options.step, checkpoint_dir=checkpoint_dir, strategy_dir=strategy_dir
+    )
     log.info(
         "step %s: %d ranks, %d stage(s), %d parameters (%s of weights; %s of optimizer state "
         "not read)",
         source.step,
-        len(source.files),
+        source.ranks,
         source.num_stages,
         len(source.params),
         format_size(source.param_bytes),
@@ -259,6 +250,6 @@ def convert(
     try:
         report = write_hf_checkpoint(source, Path(out_dir), options, given)
     except ModelError as e:
-        raise ModelError(f"{checkpoint_dir}, step {source.step}: {e}") from e
+        raise ModelError(f"{source.root}, step {source.step}: {e}") from e
     report.seconds = time.perf_counter() - started
     return report

@@ -9,6 +9,7 @@ reads no tensor byte and its answer is exactly what a run would do.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -22,8 +23,9 @@ from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.io.safetensors_reader import SafetensorsHeader
-from ms2hf.io.sources.legacy import find_rank_dirs, incomplete_steps, plan_source
-from ms2hf.io.sources.plan import SourceParam, SourcePlan
+from ms2hf.io.sources import is_training_output, plan_training_output
+from ms2hf.io.sources.legacy import find_rank_dirs, incomplete_steps
+from ms2hf.io.sources.plan import LEGACY, Block, SourceParam, SourcePlan
 from ms2hf.io.sources.unified import plan_unified
 from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.io.unified_format import PARAM_NAME_MAP
@@ -35,6 +37,19 @@ TRAINING = "training output"
 UNIFIED = "unified checkpoint"
 HUGGING_FACE = "Hugging Face checkpoint"
 HF_CONFIG = "config.json"
+
+
+@dataclass(frozen=True)
+class SliceReport:
+    """One block of a parameter as the files hold it: where it goes, who held it in training,
+    and every file it is in (the first is the copy a conversion reads)."""
+
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
+    holders: tuple[int, ...]
+    """Global ranks that held it in training."""
+    files: tuple[str, ...]
+    """Relative to the inspected folder."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,8 @@ class ParamReport:
     experts_per_block: int | None = None
     """For a grouped expert weight (experts stacked along dim 0), the whole experts in each
     block: a split of its dim 0 is expert parallelism. None for any other parameter."""
+    slices: tuple[SliceReport, ...] = ()
+    """Every block, in grid order (a Checkpoint 2.0 parameter its files hold whole: one)."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +142,12 @@ class OutputReport:
 class InspectReport:
     path: Path
     kind: str
+    source_format: str | None
+    """For a training output: ``legacy`` or ``Checkpoint 2.0``."""
     step: str | None
+    steps_present: tuple[str, ...]
+    step_reason: str | None
+    """Why ``step`` was read: ``--step``, the tracker's, ..."""
     ranks: int
     stages: int
     remove_redundancy: bool | None
@@ -139,6 +161,8 @@ class InspectReport:
     output: OutputReport | None
     incomplete_steps: dict[str, list[int]] = field(default_factory=dict)
     """Steps some rank folders lack (newest first), with the ranks lacking them."""
+    counters: dict[str, Any] = field(default_factory=dict)
+    """Run counters kept beside the tensors (Checkpoint 2.0's ``common.json``)."""
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = jsonable(self)
@@ -146,7 +170,7 @@ class InspectReport:
 
 
 def detect_kind(path: Path) -> str:
-    if (path / "checkpoint").is_dir():
+    if is_training_output(path):
         return TRAINING
     if path.is_dir() and (path / PARAM_NAME_MAP).is_file():
         return UNIFIED
@@ -155,7 +179,8 @@ def detect_kind(path: Path) -> str:
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not files or not files[0].is_file() or files[0].suffix != ".safetensors":
         raise FormatError(
-            f"{path}: not a training output (checkpoint/ and strategy/), a unified checkpoint "
+            f"{path}: not a training output (checkpoint/ with rank_N or iteration_XXXXXXXX "
+            "folders), a unified checkpoint "
             f"({PARAM_NAME_MAP} and part files) or a Hugging Face folder (config.json and "
             "*.safetensors)"
         )
@@ -171,11 +196,13 @@ def inspect(path: str | os.PathLike[str], options: ConvertOptions | None = None)
     kind = detect_kind(path)
     if kind == HUGGING_FACE:
         return inspect_hf(path)
-    if kind == TRAINING:
-        source = plan_source(path / "checkpoint", path / "strategy", options.step)
-        incomplete = incomplete_steps(find_rank_dirs(path / "checkpoint"))
-        return replace(inspect_source(path, kind, source, options), incomplete_steps=incomplete)
-    return inspect_source(path, kind, plan_unified(path), options)
+    if kind != TRAINING:
+        return inspect_source(path, kind, plan_unified(path), options)
+    source = plan_training_output(path, options.step)
+    report = inspect_source(path, kind, source, options)
+    if source.source_format == LEGACY and source.root is not None:
+        report = replace(report, incomplete_steps=incomplete_steps(find_rank_dirs(source.root)))
+    return report
 
 
 def _grouped_experts(model: HfModel | None) -> frozenset[str]:
@@ -198,9 +225,29 @@ def _experts_per_block(
     return experts // split[0]
 
 
+def _relative(root: Path, path: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _slices(p: SourceParam, root: Path) -> tuple[SliceReport, ...]:
+    copies: dict[tuple[int, ...], list[Block]] = {}
+    for b in (*p.blocks, *p.replicas):
+        copies.setdefault(b.offsets, []).append(b)
+    return tuple(
+        SliceReport(
+            b.offsets,
+            b.shape,
+            p.holders[i] if p.holders else tuple(sorted({c.rank for c in copies[b.offsets]})),
+            tuple(_relative(root, c.path) for c in copies[b.offsets]),
+        )
+        for i, b in enumerate(p.blocks)
+    )
+
+
 def _param_report(
     p: SourceParam,
     source: SourcePlan,
+    root: Path,
     stage_of: Mapping[int, int],
     ranks_per_stage: int,
     experts: int | None,
@@ -209,17 +256,20 @@ def _param_report(
     grid = source.grids.get(p.name)
     optimizer_chunks = grid.opt_chunks if grid else 1
     split = grid.model_parts if grid else (1,) * len(p.shape)
+    blocks = math.prod(grid.parts) if grid else len(p.blocks)
+    stage = p.holders[0][0] // ranks_per_stage if p.holders else stage_of[p.blocks[0].rank]
     return ParamReport(
         name=p.name,
         shape=p.shape,
         dtype=p.dtype,
         nbytes=p.nbytes,
-        stage=stage_of[p.blocks[0].rank],
+        stage=stage,
         split=split,
         optimizer_chunks=optimizer_chunks,
-        replicas=ranks_per_stage // len(p.blocks),
+        replicas=max(1, ranks_per_stage // blocks),
         saved_copies=(len(p.blocks) + len(p.replicas)) // len(p.blocks),
         experts_per_block=_experts_per_block(p.name, split, experts, grouped),
+        slices=_slices(p, root),
     )
 
 
@@ -230,11 +280,11 @@ def _saved_bytes(p: SourceParam) -> int:
 def _file_reports(root: Path, source: SourcePlan) -> tuple[FileReport, ...]:
     counts: dict[Path, int] = {}
     for p in source.params.values():
-        for b in (*p.blocks, *p.replicas):
+        for b in {*p.blocks, *p.replicas}:
             counts[b.path] = counts.get(b.path, 0) + 1
     return tuple(
         FileReport(
-            path=str(f.path.relative_to(root)) if f.path.is_relative_to(root) else str(f.path),
+            path=_relative(root, f.path),
             bytes=f.path.stat().st_size,
             tensors=counts.get(f.path, 0),
             rank=f.rank,
@@ -248,24 +298,31 @@ def inspect_source(
     path: Path, kind: str, source: SourcePlan, options: ConvertOptions
 ) -> InspectReport:
     """The report for anything described by a source plan: a training output or unified folder."""
+    training = kind == TRAINING
     stage_of = {f.rank: f.stage for f in source.files}
-    ranks_per_stage = len(source.files) // source.num_stages if kind == TRAINING else 1
+    ranks_per_stage = source.ranks // source.num_stages if training else 1
     hf, model, output, order = _model_and_output(source, options)
     experts = model.config.get("num_experts")
     num_experts = experts.value if experts else None
     grouped = _grouped_experts(hf)
     params = tuple(
-        _param_report(source.params[name], source, stage_of, ranks_per_stage, num_experts, grouped)
+        _param_report(
+            source.params[name], source, path, stage_of, ranks_per_stage, num_experts, grouped
+        )
         for name in sorted(source.params, key=order)
     )
     files = _file_reports(path, source)
+    choice = source.choice if training else None
     return InspectReport(
         path=path,
         kind=kind,
-        step=source.step if kind == TRAINING else None,
-        ranks=len(source.files) if kind == TRAINING else 0,
+        source_format=source.source_format if training else None,
+        step=source.step if training else None,
+        steps_present=choice.present if choice else (),
+        step_reason=choice.reason if choice else None,
+        ranks=source.ranks if training else 0,
         stages=source.num_stages,
-        remove_redundancy=source.remove_redundancy if kind == TRAINING else None,
+        remove_redundancy=source.remove_redundancy if training else None,
         files=files,
         params=params,
         dtypes=_bytes_by_dtype(params),
@@ -279,6 +336,7 @@ def inspect_source(
         scalars=tuple(TensorReport(n, s.dtype, s.shape) for n, s in sorted(source.scalars.items())),
         model=model,
         output=output,
+        counters=dict(source.counters),
     )
 
 
@@ -379,7 +437,10 @@ def inspect_hf(path: Path) -> InspectReport:
     return InspectReport(
         path=path,
         kind=HUGGING_FACE,
+        source_format=None,
         step=None,
+        steps_present=(),
+        step_reason=None,
         ranks=0,
         stages=1,
         remove_redundancy=None,

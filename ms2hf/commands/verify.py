@@ -28,7 +28,7 @@ from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
 from ms2hf.io.shard_digest import file_digest
-from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources import plan_training_output
 from ms2hf.io.sources.plan import SourceParam
 from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
@@ -239,7 +239,7 @@ def _check_against(
     options: VerifyOptions,
     report: VerifyReport,
 ) -> None:
-    source = plan_source(training_output / "checkpoint", training_output / "strategy", options.step)
+    source = plan_training_output(training_output, options.step)
     given = read_train_config(options.config) if options.config else {}
     shapes = {name: p.shape for name, p in source.params.items()}
     outputs = hf_model(shapes, given, "F32", options.routing_scale, config_checks=False).outputs

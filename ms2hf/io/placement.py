@@ -40,7 +40,8 @@ class Grid:
         return (self.parts[0] // self.opt_chunks, *self.parts[1:])
 
 
-def _unravel(index: int, dims: tuple[int, ...]) -> tuple[int, ...]:
+def unravel(index: int, dims: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major coordinates of ``index`` in a grid of ``dims`` (the last dim fastest)."""
     coords = []
     for d in reversed(dims):
         index, c = divmod(index, d)
@@ -90,7 +91,7 @@ def block_coords(layout: Layout, ndim: int, local_rank: int) -> tuple[int, ...]:
             f"local rank {local_rank} is outside the device matrix {list(dev)} "
             f"({layout.devices} devices per stage)"
         )
-    c = _unravel(local_rank, dev)
+    c = unravel(local_rank, dev)
     coords = []
     for axes in g.dim_axes:
         idx = 0

@@ -19,13 +19,21 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from ms2hf.errors import CoverageError, FormatError, LayoutError
 from ms2hf.io.placement import Grid, block_coords, grid, holders
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
-from ms2hf.io.sources.plan import Block, SourceFile, SourceParam, SourcePlan, whole_param
-from ms2hf.io.sources.strategy import Strategy, load_strategy
+from ms2hf.io.sources.plan import (
+    Block,
+    SourceFile,
+    SourceParam,
+    SourcePlan,
+    StepChoice,
+    whole_param,
+)
+from ms2hf.io.sources.strategy import Layout, Strategy, load_strategy
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
 
 log = logging.getLogger("ms2hf")
@@ -95,9 +103,36 @@ def _ranks(ranks: list[int]) -> str:
     return shown + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
 
 
+def steps_in_every_rank(rank_dirs: dict[int, Path]) -> list[str]:
+    """The steps every rank folder has a file for, oldest first."""
+    common = set.intersection(*(set(_steps(d)) for d in rank_dirs.values()))
+    return sorted(common, key=_step_key)
+
+
+def _by_epoch(step: str, rank_dirs: dict[int, Path]) -> str:
+    """``--step 1000`` for a legacy save: the one ``1000_N`` every rank has."""
+    present = steps_in_every_rank(rank_dirs)
+    matches = [s for s in present if s.split("_")[0] == step]
+    if len(matches) == 1:
+        return matches[0]
+    root = rank_dirs[min(rank_dirs)].parent
+    if not matches:
+        raise FormatError(
+            f"{root}: no step of epoch {step} in every rank folder (steps present: "
+            f"{', '.join(present) or 'none'}); name one as EPOCH_STEP, e.g. --step "
+            f"{present[-1] if present else '1000_1'}"
+        )
+    raise FormatError(
+        f"--step {step} is ambiguous in {root}: {', '.join(matches)}; name one of them"
+    )
+
+
 def select_step(rank_dirs: dict[int, Path], step: str | None = None) -> tuple[str, dict[int, Path]]:
     """The chosen step and each rank's file for it; the newest step every rank has by default,
-    with a warning naming the ranks that lack a newer one."""
+    with a warning naming the ranks that lack a newer one. A step given as its epoch alone
+    (``1000``) names the one ``1000_N`` every rank has."""
+    if step is not None and "_" not in step:
+        step = _by_epoch(step, rank_dirs)
     per_rank = {rank: _steps(d) for rank, d in rank_dirs.items()}
     if step is None:
         common = set.intersection(*(set(s) for s in per_rank.values()))
@@ -168,10 +203,14 @@ def plan_source(
     step: str | None = None,
 ) -> SourcePlan:
     rank_dirs = find_rank_dirs(checkpoint_dir)
-    step, paths = select_step(rank_dirs, step)
+    chosen, paths = select_step(rank_dirs, step)
     strategy = load_strategy(strategy_path)
     headers = [SafetensorsHeader(paths[r]) for r in sorted(paths)]
-    return build_source_plan(step, headers, sorted(paths), strategy)
+    plan = build_source_plan(chosen, headers, sorted(paths), strategy)
+    reason = "--step" if step is not None else "the newest in every rank folder"
+    plan.choice = StepChoice(tuple(steps_in_every_rank(rank_dirs)), reason)
+    plan.root = Path(checkpoint_dir)
+    return plan
 
 
 def build_source_plan(
@@ -229,6 +268,7 @@ def build_source_plan(
         grids={name: c.grid for name, c in collecting.items() if c.grid is not None},
         optimizer_bytes=optimizer_bytes,
         scalar_bytes=scalar_bytes,
+        ranks=world,
     )
 
 
@@ -302,6 +342,18 @@ def _finish(
             + (f" ({len(missing)} blocks missing in all)" if len(missing) > 1 else "")
             + ". A de-duplicated save with a rank folder missing or replaced?"
         )
+    if layout is not None:
+        held = _global_holders(layout, len(c.shape), c.stage * per_stage)
+    else:  # unsplit, no layout: held by every rank whose file has it
+        held = (tuple(sorted(b.rank for b in (*c.blocks.values(), *c.replicas))),)
     return SourceParam(
-        name, c.shape, c.dtype, tuple(c.blocks[k] for k in expected), tuple(c.replicas)
+        name, c.shape, c.dtype, tuple(c.blocks[k] for k in expected), tuple(c.replicas), held
     )
+
+
+@lru_cache(maxsize=4096)
+def _global_holders(layout: Layout, ndim: int, first: int) -> tuple[tuple[int, ...], ...]:
+    """The global ranks holding each block, in grid order; shared by every parameter laid out
+    alike in one stage (a large run has thousands of them)."""
+    by_block = holders(layout, ndim)
+    return tuple(tuple(first + r for r in by_block[coords]) for coords in sorted(by_block))

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.placement import Grid
@@ -41,6 +42,9 @@ class SourceParam:
     """One block per grid cell (the lowest rank's copy), in grid order."""
     replicas: tuple[Block, ...] = ()
     """Further copies, present when redundancy was not removed; for ``--check-replicas``."""
+    holders: tuple[tuple[int, ...], ...] = ()
+    """For each block, the global ranks that held it in training (who saved it, or could have),
+    ascending; empty when the format does not say (a unified folder)."""
 
     @property
     def nbytes(self) -> int:
@@ -63,6 +67,24 @@ class SourceFile:
     metadata: Mapping[str, str]
 
 
+LEGACY = "legacy"
+"""``checkpoint/rank_N/`` folders with ``strategy/`` files (``docs/legacy-format.md``)."""
+CKPT2 = "Checkpoint 2.0"
+"""``checkpoint/iteration_XXXXXXXX/`` folders with ``metadata.json`` (``docs/checkpoint2.md``)."""
+UNIFIED = "unified"
+"""A merged folder of whole parameters."""
+
+
+@dataclass(frozen=True)
+class StepChoice:
+    """Which saved step a plan reads, among which, and why: a reader never picks one silently."""
+
+    present: tuple[str, ...]
+    """Every step found, oldest first."""
+    reason: str
+    """``--step``, ``the tracker's``, ``the folder given``, ``the newest in every rank folder``."""
+
+
 @dataclass
 class SourcePlan:
     step: str
@@ -77,6 +99,14 @@ class SourcePlan:
     """How the strategy cuts each parameter it lays out; one absent is stored whole."""
     optimizer_bytes: int = 0
     scalar_bytes: int = 0
+    source_format: str = LEGACY
+    root: Path | None = None
+    """The folder read: the rank folders' parent, the iteration folder, the unified folder."""
+    ranks: int = 0
+    """Ranks of the training run (a de-duplicated Checkpoint 2.0 save has fewer files)."""
+    choice: StepChoice | None = None
+    counters: dict[str, Any] = field(default_factory=dict)
+    """The run's counters where the format keeps them outside the tensors (``common.json``)."""
 
     @property
     def param_bytes(self) -> int:

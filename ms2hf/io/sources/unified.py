@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ms2hf.errors import FormatError
 from ms2hf.io.safetensors_reader import SafetensorsHeader
-from ms2hf.io.sources.plan import SourceFile, SourceParam, SourcePlan, whole_param
+from ms2hf.io.sources.plan import UNIFIED, SourceFile, SourceParam, SourcePlan, whole_param
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
 from ms2hf.io.unified_format import PARAM_NAME_MAP, read_param_name_map
 
@@ -100,4 +100,6 @@ def plan_unified(path: str | Path) -> SourcePlan:
         num_stages=1,
         optimizer_bytes=optimizer_bytes,
         scalar_bytes=scalar_bytes,
+        source_format=UNIFIED,
+        root=path,
     )
