@@ -236,10 +236,15 @@ def _add_convert(sub: Subcommands) -> Handler:
         type=Path,
         nargs="?",
         metavar="TRAINING_OUTPUT",
-        help="folder holding checkpoint/ and strategy/",
+        help="folder holding checkpoint/ (legacy rank_N folders with strategy/ beside, or "
+        "Checkpoint 2.0 iterations), checkpoint/ itself, or one iteration_XXXXXXXX/ folder",
     )
     p.add_argument("hf_dir", type=Path, metavar="HF_DIR", help="output folder")
-    p.add_argument("--checkpoint-dir", type=Path, help="the rank_N folders' parent, if elsewhere")
+    p.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="the rank_N (or iteration) folders' parent, if elsewhere",
+    )
     p.add_argument(
         "--strategy-dir", type=Path, help="strategy files (or one merged file), if elsewhere"
     )
@@ -254,8 +259,9 @@ def _add_convert(sub: Subcommands) -> Handler:
 def _add_step(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--step",
-        metavar="EPOCH_STEP",
-        help="which checkpoint, e.g. 1000_1 (default: newest present in every rank)",
+        metavar="STEP",
+        help="which checkpoint: a Checkpoint 2.0 iteration (1000; default: the tracker's) or a "
+        "legacy EPOCH_STEP (1000_1, or 1000 when one 1000_N; default: the newest in every rank)",
     )
 
 
@@ -293,12 +299,21 @@ def _add_inspect(sub: Subcommands) -> Handler:
         "path",
         type=Path,
         metavar="PATH",
-        help="training output (checkpoint/ + strategy/), unified or Hugging Face folder",
+        help="training output (checkpoint/ + strategy/, or a Checkpoint 2.0 checkpoint/ or "
+        "iteration folder), unified or Hugging Face folder",
     )
     _add_step(p)
     add_hf_options(p)
     add_config_option(p)
-    _add_json(p, "print the full report as JSON (every parameter, unfolded)")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also list every block of the parameters matching PATTERN (shell wildcards, e.g. "
+        "'*.layers.0.*'): offsets, shape, the ranks that held it, the files it is in",
+    )
+    _add_json(p, "print the full report as JSON (every parameter and block, unfolded)")
     _add_verbosity(p)
     return _run_inspect
 
@@ -311,7 +326,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report.to_dict())
     else:
-        print(inspect_text(report))
+        print(inspect_text(report, args.param))
     return 0
 
 
@@ -396,7 +411,7 @@ def _add_verify(sub: Subcommands) -> Handler:
         "--against",
         type=Path,
         metavar="TRAINING_OUTPUT",
-        help="the training output (checkpoint/ + strategy/) it was converted from",
+        help="the training output it was converted from (any form convert takes)",
     )
     _add_step(p)
     add_config_option(p)

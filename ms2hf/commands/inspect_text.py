@@ -6,11 +6,13 @@ file lists are summarised; ``--json`` gives everything unfolded.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import textwrap
 from collections.abc import Iterable, Sequence
 
 from ms2hf.commands.inspect import TRAINING, InspectReport, ParamReport
+from ms2hf.io.sources.plan import LEGACY
 from ms2hf.pipeline.engine.budget import format_size
 from ms2hf.pipeline.given import origin_lines
 
@@ -102,9 +104,15 @@ def summary_lines(report: InspectReport) -> list[str]:
     b = report.bytes
     lines = [f"{report.path}: {report.kind}"]
     if report.kind == TRAINING:
+        lines[0] += f" ({report.source_format} format)"
+        unit = "step" if report.source_format == LEGACY else "iteration"
+        present = ", ".join(report.steps_present) or str(report.step)
+        lines += _wrapped(
+            f"{unit}s present: {present}; reading {report.step} ({report.step_reason})"
+        )
         saved = "each block saved once" if report.remove_redundancy else "every replica saved"
         lines.append(
-            f"step {report.step}: {report.ranks} ranks, {report.stages} pipeline stage(s) of "
+            f"{unit} {report.step}: {report.ranks} ranks, {report.stages} pipeline stage(s) of "
             f"{report.ranks // report.stages}; {saved}"
         )
         for step, missing in report.incomplete_steps.items():
@@ -113,6 +121,10 @@ def summary_lines(report: InspectReport) -> list[str]:
                 + ", ".join(f"rank_{r}" for r in missing)
                 + " (not converted unless every rank has it)"
             )
+    if report.counters:
+        lines += _wrapped(
+            "run counters: " + ", ".join(f"{k}={v!r}" for k, v in report.counters.items())
+        )
     counts = [f"model weights {format_size(b.weights)}"]
     if b.weights_saved != b.weights:
         counts[0] += f" ({format_size(b.weights_saved)} as saved, with replicas)"
@@ -163,6 +175,30 @@ def output_lines(report: InspectReport) -> list[str]:
     return lines
 
 
-def inspect_text(report: InspectReport) -> str:
+def slice_lines(report: InspectReport, patterns: Sequence[str]) -> list[str]:
+    """For each parameter matching one of ``patterns`` (shell wildcards), every block: where it
+    goes, who held it in training and every file it is in (the first is the copy read)."""
+    lines: list[str] = []
+    for p in report.params:
+        if not any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns):
+            continue
+        lines.append(f"{p.name}: {_shape(p.shape)} {p.dtype}, {len(p.slices)} block(s)")
+        rows = [["offsets", "shape", "holders", "files"]]
+        for s in p.slices:
+            at = ",".join(map(str, s.offsets)) or "-"
+            holders = ",".join(map(str, s.holders))
+            rows += [[at, _shape(s.shape), holders, s.files[0]]]
+            rows += [["", "", "", f] for f in s.files[1:]]
+        lines += _table(rows)
+    if not lines:
+        lines.append(f"no parameter matches {' or '.join(patterns)}")
+    return lines
+
+
+def inspect_text(report: InspectReport, params: Sequence[str] = ()) -> str:
+    """The report; with ``params`` (shell wildcards), also the blocks of those parameters."""
     sections = [summary_lines, file_lines, param_lines, model_lines, output_lines]
-    return "\n".join(line for section in sections for line in section(report))
+    lines = [line for section in sections for line in section(report)]
+    if params:
+        lines += slice_lines(report, params)
+    return "\n".join(lines)

@@ -55,16 +55,17 @@ def add_merge_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         required=True,
         metavar="DIR",
-        help="the rank_N folders' parent",
+        help="the rank_N folders' parent (legacy), or a Checkpoint 2.0 checkpoint/ or "
+        "iteration_XXXXXXXX/ folder",
     )
     p.add_argument(
         "--src_strategy_dirs",
         "--strategy-dir",
         dest="strategy_dir",
         type=Path,
-        required=True,
         metavar="DIR",
-        help="strategy files (or one merged file)",
+        help="strategy files (or one merged file) of a legacy save (default: strategy/ beside "
+        "the checkpoint folder)",
     )
     p.add_argument(
         "--output_dir",
@@ -78,7 +79,8 @@ def add_merge_flags(p: argparse.ArgumentParser) -> None:
         "--step",
         dest="step",
         metavar="EPOCH_STEP",
-        help="which checkpoint, e.g. 1000_1 (default: newest present in every rank)",
+        help="which checkpoint, e.g. 1000_1 or 1000 (default: the newest present in every rank; "
+        "Checkpoint 2.0: the tracker's iteration)",
     )
     p.add_argument(
         "--filter_out_param_prefix",
@@ -164,7 +166,7 @@ class Request:
 
 @dataclass(frozen=True)
 class MergeRequest(Request):
-    strategy: Path
+    strategy: Path | None
     options: MergeOptions
 
 

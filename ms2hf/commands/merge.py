@@ -20,7 +20,7 @@ from pathlib import Path
 from ms2hf.errors import ModelError
 from ms2hf.io.config_files import read_train_config
 from ms2hf.io.hf_output import index_document
-from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources import plan_training_output
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.io.unified_format import (
     HYPER_PARAM,
@@ -161,14 +161,19 @@ def plan_unified_files(
 
 def merge(
     checkpoint_dir: str | os.PathLike[str],
-    strategy_path: str | os.PathLike[str],
+    strategy_path: str | os.PathLike[str] | None,
     output_dir: str | os.PathLike[str],
     options: MergeOptions | None = None,
 ) -> MergeReport:
-    """Merge the rank files of one step into ``{output_dir}/{step}_ckpt_convert/unified_safe``."""
+    """Merge one step of a training output into ``{output_dir}/{step}_ckpt_convert/unified_safe``.
+    ``checkpoint_dir`` is anything ``convert`` takes (the training output, its ``checkpoint/``,
+    a Checkpoint 2.0 iteration folder); a legacy save's strategy is ``strategy_path``, or the
+    ``strategy/`` folder beside ``checkpoint/``."""
     options = options or MergeOptions()
     started = time.perf_counter()
-    source = plan_source(checkpoint_dir, strategy_path, options.step)
+    source = plan_training_output(
+        None, options.step, checkpoint_dir=checkpoint_dir, strategy_dir=strategy_path
+    )
     warning = redundancy_disagreement(source, options.has_redundancy)
     if warning:
         log.warning("warning: %s", warning)
@@ -191,6 +196,11 @@ def merge(
         len(source.scalars),
         format_size(source.optimizer_bytes),
     )
+    if not source.scalars and source.counters:
+        log.info(
+            "note: no %s: this save keeps its counters in common.json, not in tensors",
+            HYPER_PARAM,
+        )
     params_read = {**params, **source.scalars}
     inputs = [options.config] if options.config else []
     stats = run_plan(
