@@ -1,12 +1,13 @@
-"""Writing a generated training output: rank files, strategy files and the expected tensors.
+"""Writing a generated training output in either save format, and the expected tensors.
 
 Values: every Hugging Face tensor is drawn from its own seeded stream (seed and name), so the
-expected model is the same for one seed whatever the parallel layout; or the caller gives them
-all (a model made by another library, for a round trip through a real client; training
-statistics such as ``fi_accu``, of which no Hugging Face tensor is made, are still drawn). Each
-MindSpore parameter is then built by scattering those tensors into it through the converter's
-own declarative rules (``fill_rows`` inverted): the QKV and gate/up layouts are written once, in
-``ms2hf.transforms``, and the genuine fixtures check them against MindSpore independently.
+expected model is the same for one seed whatever the parallel layout or save format; or the
+caller gives them all (a model made by another library, or a genuine fixture's). Training
+statistics such as ``fi_accu``, of which no Hugging Face tensor is made, are drawn unless given.
+Each MindSpore parameter is then fused from its Hugging Face tensors by the generator's own code
+(``ms2hf.generator.fuse``), and its pieces are copied into the files the save format says
+(``ms2hf.generator.files``): the legacy rank files here, Checkpoint 2.0 in
+``ms2hf.generator.ckpt2``.
 
 Memory: one full parameter and the Hugging Face tensors drawn for it are held at a time; slices
 and Adam states are written in bands, so a 0.6B-parameter fp32 run stays near 1-2 GB.
@@ -25,7 +26,9 @@ import numpy as np
 import yaml
 
 from ms2hf.errors import Ms2hfError
-from ms2hf.generator.config import GeneratorConfig
+from ms2hf.generator import ckpt2
+from ms2hf.generator.config import CKPT2, GeneratorConfig
+from ms2hf.generator.files import ADAM_STATE, FileSpec, Slot, training_scalars
 from ms2hf.generator.fuse import fuse
 from ms2hf.generator.layouts import PlacedParam, place, savers
 from ms2hf.generator.network import ModelSpec, model_spec
@@ -33,7 +36,7 @@ from ms2hf.generator.strategy_file import encode_stage
 from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.hf_output import HF_METADATA
-from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
+from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, TensorEntry, layout_shard
 from ms2hf.transforms.pieces import OutputTensor, Piece
 from ms2hf.transforms.registry import hf_model
 
@@ -41,10 +44,11 @@ BAND_BYTES = 64 << 20
 EXPECTED = Path("expected") / "hf_model.safetensors"
 EXPECTED_CONFIG = Path("expected") / "config.json"
 TRAIN_YAML = Path("train.yaml")
-ADAM_STATE = "F32"
 
 Weights = Mapping[str, np.ndarray]
 """Hugging Face tensors by name, given instead of drawn."""
+Statistics = Mapping[str, np.ndarray]
+"""Training statistics (``fi_accu``) by MindSpore name, given instead of drawn."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +58,17 @@ class Generated:
     root: Path
     config: GeneratorConfig
     rank_files: tuple[Path, ...]
+    """Every safetensors file of the save (legacy: one per rank; Checkpoint 2.0: the model and
+    optimizer files)."""
 
     @property
     def checkpoint_dir(self) -> Path:
         return self.root / "checkpoint"
+
+    @property
+    def iteration_dir(self) -> Path:
+        """Checkpoint 2.0: the folder of the saved iteration."""
+        return self.checkpoint_dir / ckpt2.iteration_name(self.config.step)
 
     @property
     def strategy_dir(self) -> Path:
@@ -76,22 +87,6 @@ class Generated:
     def train_yaml(self) -> Path:
         """``model.model_config`` with the sizes and layout flags: for ``--config``."""
         return self.root / TRAIN_YAML
-
-
-def _scalars(step: int) -> dict[str, tuple[str, np.ndarray]]:
-    """The training loop's counters as MindSpore Transformers saves them in every rank file."""
-    table = {
-        "epoch_num": ("I64", (), step),
-        "loss_scale": ("I64", (), 1),
-        "step_num": ("I64", (), step),
-        "learning_rate": ("F32", (), 1e-6),
-        "scale_sense": ("F32", (), 1.0),
-        "global_step": ("I32", (1,), step),
-    }
-    return {
-        name: (tag, np.full(shape, value, to_numpy(tag)))
-        for name, (tag, shape, value) in table.items()
-    }
 
 
 def _adam_state(prefix: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -184,12 +179,21 @@ def _build_param(
     config: GeneratorConfig,
     expected: ShardWriter | None,
     weights: Weights | None,
+    statistics: Statistics,
 ) -> np.ndarray:
     """A full parameter, fused (``ms2hf.generator.fuse``) from the Hugging Face tensors drawn or
     given for it, which are written to ``expected`` as they go; a training statistic, of which
-    no Hugging Face tensor is made, is drawn whole."""
+    no Hugging Face tensor is made, is given whole or drawn."""
     dtype = to_numpy(_param_dtype(p, config))
     if p.spec.training_only:
+        given = statistics.get(p.spec.name)
+        if given is not None:
+            if tuple(np.shape(given)) != p.spec.shape:
+                raise Ms2hfError(
+                    f"given statistic {p.spec.name!r} has shape {list(np.shape(given))}, "
+                    f"expected {list(p.spec.shape)}"
+                )
+            return np.ascontiguousarray(given, dtype)
         return _random(config.seed, p.spec.name, p.spec.shape, dtype)
     values: dict[str, np.ndarray] = {}
     for same in _same_tensor(made_of):
@@ -211,37 +215,6 @@ def _build_param(
     return np.ascontiguousarray(full, dtype)
 
 
-def _rank_entries(
-    params: Sequence[PlacedParam],
-    saved: dict[str, frozenset[int]],
-    local: int,
-    config: GeneratorConfig,
-    scalars: dict[str, tuple[str, np.ndarray]],
-) -> list[TensorEntry]:
-    entries = [TensorEntry(name, tag, value.shape) for name, (tag, value) in scalars.items()]
-    for p in params:
-        for prefix in p.saved_prefixes:
-            if local in saved[prefix + p.spec.name]:
-                dtype = ADAM_STATE if prefix else _param_dtype(p, config)
-                entries.append(TensorEntry(prefix + p.spec.name, dtype, p.slice_shape))
-    return entries
-
-
-def _write_slices(
-    p: PlacedParam,
-    full: np.ndarray,
-    writers: Sequence[ShardWriter],
-    saved: dict[str, frozenset[int]],
-) -> None:
-    """One parameter's slices and Adam states, into the rank files of its stage that save them."""
-    for local, writer in enumerate(writers):
-        region = full[p.region(local)]
-        for prefix in p.saved_prefixes:
-            if local in saved[prefix + p.spec.name]:
-                transform = _adam_state(prefix) if prefix else None
-                _write_rows(writer, prefix + p.spec.name, region, transform)
-
-
 def _hf_outputs(model: ModelSpec, config: GeneratorConfig) -> tuple[OutputTensor, ...]:
     """The Hugging Face tensors, as the converter's rules cut them from the parameters."""
     given = {name: ConfigValue(value, "generator") for name, value in model.model_config.items()}
@@ -249,30 +222,64 @@ def _hf_outputs(model: ModelSpec, config: GeneratorConfig) -> tuple[OutputTensor
     return hf_model(shapes, given, config.source_dtype).outputs
 
 
-def _write_tensors(
-    root: Path,
-    stages: Sequence[Sequence[PlacedParam]],
-    rank_files: Sequence[Path],
-    config: GeneratorConfig,
-    outputs: Sequence[OutputTensor],
-    weights: Weights | None,
-    with_expected: bool,
-) -> None:
-    """Every rank file and (``with_expected``) the expected Hugging Face file, one parameter at
-    a time; on any error no file is left under its final name."""
-    placed = [p for params in stages for p in params]
-    saved = [savers(params, config.remove_redundancy) for params in stages]
+def _legacy_files(
+    root: Path, stages: Sequence[Sequence[PlacedParam]], config: GeneratorConfig
+) -> tuple[list[FileSpec], dict[str, list[Slot]]]:
+    """A rank file per rank: the training scalars, then every slice (and its Adam states) of its
+    stage that it saves; de-duplicated saves give each key to one rank of its group."""
     per_stage = config.devices_per_stage
     metadata = {"format": "ms", "remove_redundancy": str(config.remove_redundancy)}
-    scalars = _scalars(config.step)
+    scalars = training_scalars(config.step)
+    files: list[FileSpec] = []
+    slots: dict[str, list[Slot]] = {}
+    for s, params in enumerate(stages):
+        saved = savers(params, config.remove_redundancy)
+        for local in range(per_stage):
+            rank = s * per_stage + local
+            name = f"{config.prefix}_rank_{rank}-{config.file_suffix}.safetensors"
+            entries = [TensorEntry(n, tag, value.shape) for n, (tag, value) in scalars.items()]
+            for p in params:
+                for state in p.saved_prefixes:
+                    if local in saved[state + p.spec.name]:
+                        dtype = ADAM_STATE if state else _param_dtype(p, config)
+                        entries.append(TensorEntry(state + p.spec.name, dtype, p.slice_shape))
+                        slot = Slot(len(files), state, p.region(local))
+                        slots.setdefault(p.spec.name, []).append(slot)
+            path = root / "checkpoint" / f"rank_{rank}" / name
+            constants = {n: value for n, (_, value) in scalars.items()}
+            files.append(FileSpec(path, tuple(entries), metadata, constants))
+    return files, slots
+
+
+def _write_sparse(path: Path, layout: ShardLayout) -> None:
+    """The header, then holes to the file's full size: what planning reads, in no disk space."""
+    writer = ShardWriter(path, layout)
+    try:
+        os.truncate(writer.temporary, layout.size)
+        os.replace(writer.temporary, path)
+    finally:
+        writer.abort()
+
+
+def _write_files(
+    root: Path,
+    files: Sequence[FileSpec],
+    slots: Mapping[str, Sequence[Slot]],
+    placed: Sequence[PlacedParam],
+    config: GeneratorConfig,
+    outputs: Sequence[OutputTensor],
+    given: tuple[Weights | None, Statistics],
+    with_expected: bool,
+) -> None:
+    """Every file of the save and (``with_expected``) the expected Hugging Face file, one
+    parameter at a time; on any error no file is left under its final name."""
+    for f in files:
+        f.path.parent.mkdir(parents=True, exist_ok=True)
     writers: list[ShardWriter] = []
     try:
-        for rank, path in enumerate(rank_files):
-            stage, local = divmod(rank, per_stage)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            entries = _rank_entries(stages[stage], saved[stage], local, config, scalars)
-            writers.append(ShardWriter(path, layout_shard(entries, metadata)))
-            for name, (_, value) in scalars.items():
+        for f in files:
+            writers.append(ShardWriter(f.path, layout_shard(f.entries, f.metadata)))
+            for name, value in f.constants.items():
                 _write_rows(writers[-1], name, value)
         expected = None
         if with_expected:
@@ -281,9 +288,12 @@ def _write_tensors(
             writers.append(expected)
         for p in placed:
             made_of = [t for t in outputs if t.source == p.spec.name]
-            full = _build_param(p, made_of, config, expected, weights)
-            first = p.spec.stage * per_stage
-            _write_slices(p, full, writers[first : first + per_stage], saved[p.spec.stage])
+            full = _build_param(p, made_of, config, expected, *given)
+            for slot in slots.get(p.spec.name, ()):
+                transform = _adam_state(slot.state) if slot.state else None
+                _write_rows(
+                    writers[slot.file], slot.state + p.spec.name, full[slot.region], transform
+                )
         for writer in writers:
             writer.commit()
     except BaseException:
@@ -292,12 +302,8 @@ def _write_tensors(
         raise
 
 
-def _write_small_files(
-    root: Path, model: ModelSpec, config: GeneratorConfig, rank_files: Sequence[Path]
-) -> None:
-    for path in rank_files:
-        meta = {"last_epoch": config.step, "last_step": 1, "last_ckpt_file": path.name}
-        (path.parent / "meta.json").write_text(json.dumps(meta))
+def _write_small_files(root: Path, model: ModelSpec, config: GeneratorConfig) -> None:
+    (root / EXPECTED_CONFIG).parent.mkdir(parents=True, exist_ok=True)
     (root / EXPECTED_CONFIG).write_text(json.dumps(model.hf_config, indent=1) + "\n")
     train = {
         "parallel_config": {
@@ -310,9 +316,20 @@ def _write_small_files(
             "enable_parallel_optimizer": bool(config.opt_shard),
             "parallel_optimizer_config": {"optimizer_weight_shard_size": config.opt_shard or -1},
         },
+        **({"use_legacy_format": False} if config.save_format == CKPT2 else {}),
         "model": {"model_config": model.model_config},
     }
     (root / TRAIN_YAML).write_text(yaml.safe_dump(train, sort_keys=False))
+
+
+def _write_strategies(
+    root: Path, network: str, stages: Sequence[Sequence[PlacedParam]], per_stage: int
+) -> None:
+    (root / "strategy").mkdir(parents=True, exist_ok=True)
+    for s, params in enumerate(stages):
+        encoded = encode_stage(network, s, params)
+        for rank in range(s * per_stage, (s + 1) * per_stage):
+            (root / "strategy" / f"ckpt_strategy_rank_{rank}.ckpt").write_bytes(encoded)
 
 
 def generate(
@@ -320,14 +337,19 @@ def generate(
     out_dir: str | os.PathLike[str],
     weights: Weights | None = None,
     *,
+    statistics: Statistics | None = None,
     expected: bool = True,
+    data: bool = True,
 ) -> Generated:
     """Write a MindSpore Transformers training output for ``config`` into ``out_dir``
-    (``checkpoint/``, ``strategy/``), with ``expected/`` and ``train.yaml`` beside them.
-    ``weights`` (Hugging Face names) replace the seeded draws; every tensor of the model must be
-    given, in its shape, and nothing else (checked before any file is written); each is cast to
-    its parameter's dtype. Without ``expected`` the expected Hugging Face tensors are not
-    written (a benchmark needs only the training output; the rank files are the same bytes).
+    (``checkpoint/`` in ``config.save_format``; ``strategy/`` for the legacy format), with
+    ``expected/`` and ``train.yaml`` beside them. ``weights`` (Hugging Face names) replace the
+    seeded draws; every tensor of the model must be given, in its shape, and nothing else
+    (checked before any file is written); each is cast to its parameter's dtype.
+    ``statistics`` (MindSpore names) give training statistics such as ``fi_accu``. Without
+    ``expected`` the expected Hugging Face tensors are not written (a benchmark needs only the
+    training output; the save is the same bytes). Without ``data`` the files hold their headers
+    and holes (sparse files): a save of any size to plan from, in no disk space.
     Files of an earlier run with the same names are replaced; nothing else is touched."""
     root = Path(out_dir)
     model = model_spec(config)
@@ -336,20 +358,25 @@ def generate(
         _check_weights(outputs, weights)
     placed = [place(p, config.opt_shard) for p in model.params]
     stages = [[p for p in placed if p.spec.stage == s] for s in range(config.pp)]
-    per_stage = config.devices_per_stage
-    (root / "strategy").mkdir(parents=True, exist_ok=True)
-    for s, params in enumerate(stages):
-        encoded = encode_stage(model.network, s, params)
-        for rank in range(s * per_stage, (s + 1) * per_stage):
-            (root / "strategy" / f"ckpt_strategy_rank_{rank}.ckpt").write_bytes(encoded)
-    (root / EXPECTED).parent.mkdir(parents=True, exist_ok=True)
-    rank_files = [
-        root
-        / "checkpoint"
-        / f"rank_{r}"
-        / f"{config.prefix}_rank_{r}-{config.file_suffix}.safetensors"
-        for r in range(config.world)
-    ]
-    _write_tensors(root, stages, rank_files, config, outputs, weights, expected)
-    _write_small_files(root, model, config, rank_files)
-    return Generated(root, config, tuple(rank_files))
+    if config.save_format == CKPT2:
+        save = ckpt2.plan_save(root / "checkpoint", stages, config)
+        files, slots = list(save.files), save.slots
+    else:
+        _write_strategies(root, model.network, stages, config.devices_per_stage)
+        files, slots = _legacy_files(root, stages, config)
+    if data:
+        (root / EXPECTED).parent.mkdir(parents=True, exist_ok=True)
+        given = (weights, statistics or {})
+        _write_files(root, files, slots, placed, config, outputs, given, expected)
+    else:
+        for f in files:
+            f.path.parent.mkdir(parents=True, exist_ok=True)
+            _write_sparse(f.path, layout_shard(f.entries, f.metadata))
+    if config.save_format == CKPT2:
+        save.finish()
+    else:
+        for f in files:
+            meta = {"last_epoch": config.step, "last_step": 1, "last_ckpt_file": f.path.name}
+            (f.path.parent / "meta.json").write_text(json.dumps(meta))
+    _write_small_files(root, model, config)
+    return Generated(root, config, tuple(f.path for f in files))

@@ -13,6 +13,11 @@ from ms2hf.transforms.registry import by_name
 
 SOURCE_DTYPES = {"fp32": "F32", "bf16": "BF16"}
 """``params_dtype`` of the training run -> the safetensors dtype of its saved parameters."""
+LEGACY = "legacy"
+CKPT2 = "ckpt2"
+SAVE_FORMATS = (LEGACY, CKPT2)
+"""How the run saves: per-rank files and strategies, or Checkpoint 2.0 (``use_legacy_format:
+False``, ``docs/checkpoint2.md``)."""
 COUNTS = ("layers", "hidden", "heads", "groups", "head_dim", "ffn", "vocab", "tp", "dp", "pp")
 MOE_COUNTS = ("experts", "moe_ffn", "top_k", "ep", "decoder_sparse_step")
 
@@ -86,9 +91,16 @@ class GeneratorConfig:
     step: int = 1000
     moe: MoeConfig | None = None
     """None: dense Qwen3."""
+    save_format: str = LEGACY
+    """``legacy`` or ``ckpt2``."""
 
     def __post_init__(self) -> None:
         _require_counts(self, COUNTS)
+        if self.save_format not in SAVE_FORMATS:
+            raise Ms2hfError(
+                f"GeneratorConfig.save_format = {self.save_format!r}: expected one of "
+                f"{', '.join(SAVE_FORMATS)}"
+            )
         if self.dtype not in SOURCE_DTYPES:
             raise Ms2hfError(
                 f"GeneratorConfig.dtype = {self.dtype!r}: expected one of "
