@@ -33,6 +33,15 @@ def examples(n: int) -> int:
 DATA = Path(__file__).parent / "data"
 CONFIGS = Path(__file__).parent / "configs"
 """Stand-ins for users' training yamls and reference configs (tests/configs/README.md)."""
+DATA_CKPT2 = Path(__file__).parent / "data-ckpt2"
+CKPT2_TWINS = {
+    "tiny_fp32_dp2tp2pp2_opt": "tiny_fp32_dp2tp2pp2_opt",
+    "tiny_fp32_dp2tp2pp2_opt_dedup": "tiny_fp32_dp2tp2pp2_opt",
+    "tiny_tied_fp32_tp2pp2_dedup": "tiny_tied_fp32_tp2pp2",
+    "moe_fp32_dp2tp2pp2_ep2_dedup": "moe_fp32_dp2tp2pp2_ep2",
+}
+"""Each genuine Checkpoint 2.0 fixture and the legacy fixture of the same run (its manifest's
+``source``)."""
 DENSE_FIXTURES = [
     "tiny_fp32",
     "tiny_bf16_dedup",

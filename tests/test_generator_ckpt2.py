@@ -14,25 +14,25 @@ import pytest
 from ms2hf.errors import Ms2hfError
 from ms2hf.generator import GeneratorConfig, MoeConfig, generate
 from ms2hf.io.safetensors_reader import SafetensorsHeader
-from tests.conftest import DATA, load_tensors
+from tests.conftest import CKPT2_TWINS, DATA, DATA_CKPT2, load_tensors
 from tests.oracle.ckpt2 import reassemble, select_iteration
 from tests.test_generator import config_of
 
-DATA2 = Path(__file__).parent / "data-ckpt2"
-FIXTURES = sorted(p.name for p in DATA2.iterdir() if (p / "manifest.json").is_file())
+FIXTURES = sorted(CKPT2_TWINS)
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
-def legacy_twin(name: str) -> str:
-    """The legacy fixture of the same run (``tests/data-ckpt2/README.md``)."""
-    return str(json.loads((DATA2 / name / "manifest.json").read_text())["source"]).split("/")[-1]
+def test_the_twins_are_the_manifests() -> None:
+    for name, twin in CKPT2_TWINS.items():
+        manifest = json.loads((DATA_CKPT2 / name / "manifest.json").read_text())
+        assert manifest["source"].split("/")[-1] == twin
 
 
 def ckpt2_config(name: str) -> GeneratorConfig:
     """The fixture's run: its legacy twin's settings, saved as Checkpoint 2.0."""
-    manifest = json.loads((DATA2 / name / "manifest.json").read_text())
+    manifest = json.loads((DATA_CKPT2 / name / "manifest.json").read_text())
     return replace(
-        config_of(DATA / legacy_twin(name)),
+        config_of(DATA / CKPT2_TWINS[name]),
         save_format="ckpt2",
         remove_redundancy=manifest["remove_redundancy"],
     )
@@ -45,7 +45,7 @@ def header_entries(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_rewrites_the_genuine_fixture_byte_for_byte(name: str, tmp_path: Path) -> None:
-    fixture = DATA2 / name
+    fixture = DATA_CKPT2 / name
     src = select_iteration(fixture / "checkpoint")
     weights = load_tensors(fixture / "ground_truth" / "hf_model.safetensors")
     statistics = {k: v for k, v in reassemble(src).items() if k.endswith(".router.fi_accu")}

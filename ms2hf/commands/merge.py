@@ -171,9 +171,7 @@ def merge(
     ``strategy/`` folder beside ``checkpoint/``."""
     options = options or MergeOptions()
     started = time.perf_counter()
-    source = plan_training_output(
-        None, options.step, checkpoint_dir=checkpoint_dir, strategy_dir=strategy_path
-    )
+    source = plan_training_output(checkpoint_dir, options.step, strategy_dir=strategy_path)
     warning = redundancy_disagreement(source, options.has_redundancy)
     if warning:
         log.warning("warning: %s", warning)
