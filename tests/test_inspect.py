@@ -22,7 +22,7 @@ from ms2hf.commands.inspect_text import inspect_text
 from ms2hf.errors import FormatError
 from ms2hf.generator import GeneratorConfig, MoeConfig, generate
 from ms2hf.io.safetensors_reader import SafetensorsHeader
-from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES
+from tests.conftest import CKPT2_TWINS, DATA, DATA_CKPT2, DENSE_FIXTURES, MOE_FIXTURES
 
 ALL_FIXTURES = DENSE_FIXTURES + MOE_FIXTURES
 OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.")
@@ -242,14 +242,102 @@ def test_an_unrecognised_model_is_still_described(
     assert "model: not recognised: " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("fixture", ALL_FIXTURES)
+@pytest.mark.parametrize(
+    "fixture",
+    [f"data/{name}" for name in ALL_FIXTURES] + [f"data-ckpt2/{name}" for name in CKPT2_TWINS],
+)
 def test_readme_shows_the_current_output(fixture: str, monkeypatch: pytest.MonkeyPatch) -> None:
     root = DATA.parent.parent
     monkeypatch.chdir(root)
-    text = inspect_text(inspect(Path("tests") / "data" / fixture))
+    text = inspect_text(inspect(Path("tests") / fixture))
     readme = (root / "README.md").read_text()
-    assert f"ms2hf inspect tests/data/{fixture}" in readme
-    assert (
-        f"```\n{text}\n```" in readme
-        or f"ms2hf inspect tests/data/{fixture}\n{text}\n```" in readme
+    assert f"ms2hf inspect tests/{fixture}" in readme
+    assert f"```\n{text}\n```" in readme or f"ms2hf inspect tests/{fixture}\n{text}\n```" in readme
+
+
+@pytest.mark.parametrize("name", sorted(CKPT2_TWINS))
+def test_checkpoint2_agrees_with_its_legacy_twin(name: str) -> None:
+    """The same run saved both ways: the same parameters, stages, grids, model and output; each
+    block held by the same ranks (rank_group here, the strategy's layout math there)."""
+    ours, twin = inspect(DATA_CKPT2 / name), inspect(DATA / CKPT2_TWINS[name])
+    manifest = json.loads((DATA_CKPT2 / name / "manifest.json").read_text())
+    iteration = DATA_CKPT2 / name / "checkpoint" / "iteration_00001000"
+    assert (ours.kind, ours.source_format, twin.source_format) == (
+        TRAINING,
+        "Checkpoint 2.0",
+        "legacy",
     )
+    assert (ours.step, ours.steps_present, ours.step_reason) == ("1000", ("1000",), "the tracker's")
+    assert (ours.ranks, ours.stages) == (twin.ranks, twin.stages) == (manifest["world"], 2)
+    assert ours.counters == json.loads((iteration / "common.json").read_text())
+    assert ours.model == twin.model and ours.output == twin.output
+    assert ours.bytes.weights == twin.bytes.weights
+    states = 0  # the Adam states in the optimizer files, which ms2hf never opens
+    for path in iteration.glob("*-opt-*"):
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if key.startswith(OPTIMIZER_PREFIXES):
+                    states += math.prod(f.get_slice(key).get_shape()) * 4
+    assert ours.bytes.optimizer == states
+    assert [f.path for f in ours.files] == sorted(
+        str(p.relative_to(DATA_CKPT2 / name)) for p in iteration.glob("*-model-*")
+    )
+    theirs = {p.name: p for p in twin.params}
+    for p in ours.params:
+        legacy = theirs.pop(p.name)
+        assert (p.shape, p.dtype, p.stage, p.replicas) == (
+            legacy.shape,
+            legacy.dtype,
+            legacy.stage,
+            legacy.replicas,
+        ), p.name
+        assert (p.split, p.optimizer_chunks) == (legacy.split, legacy.optimizer_chunks), p.name
+        assert {s.offsets: s.holders for s in p.slices} == {
+            s.offsets: s.holders for s in legacy.slices
+        }, p.name
+        for s in p.slices:
+            for f in s.files:
+                assert SafetensorsHeader(DATA_CKPT2 / name / f).tensors[p.name].shape == s.shape
+        assert p.saved_copies == (1 if manifest["remove_redundancy"] else p.replicas), p.name
+    assert not theirs
+
+
+def test_checkpoint2_inspect_reads_no_tensor_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = DATA_CKPT2 / "moe_fp32_dp2tp2pp2_ep2_dedup"
+    copy = tmp_path / "run"
+    shutil.copytree(src, copy)
+    for path in copy.glob("checkpoint/*/*.safetensors"):
+        start = min(t.start for t in SafetensorsHeader(path).tensors.values())
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.seek(start)
+            f.write(b"\x7f" * (size - start))
+
+    def no_mmap(*args: object, **kwargs: object) -> None:
+        raise AssertionError("inspect mapped a file")
+
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    got, want = inspect(copy).to_dict(), inspect(src).to_dict()
+    assert {k: v for k, v in got.items() if k != "path"} == {
+        k: v for k, v in want.items() if k != "path"
+    }
+
+
+def test_the_blocks_of_a_parameter(capsys: pytest.CaptureFixture[str]) -> None:
+    path = DATA_CKPT2 / "tiny_fp32_dp2tp2pp2_opt"
+    assert cli.main(["inspect", str(path), "--param", "*.layers.2.mlp.linear_fc1.weight"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    at = text.index("decoder.layers.2.mlp.linear_fc1.weight: 384x128 F32, 4 block(s)")
+    rows = [line.split() for line in text[at + 2 : at + 6]]
+    # docs/checkpoint2.md's worked example: slice 2 (rows 192..288) is rank 5's
+    assert [r[:3] for r in rows] == [
+        ["0,0", "96x128", "4"],
+        ["96,0", "96x128", "6"],
+        ["192,0", "96x128", "5"],
+        ["288,0", "96x128", "7"],
+    ]
+    assert rows[2][3].endswith("qwen3-model-0000005-0000008.safetensors")
+    assert cli.main(["inspect", str(path), "--param", "nothing*"]) == 0
+    assert "no parameter matches nothing*" in capsys.readouterr().out

@@ -256,6 +256,8 @@ class _Entry:
     slices: tuple[int, ...]
     """Slice ids, ascending: grid order."""
     rank_list: tuple[int, ...]
+    opt_chunks: int
+    """The cuts of dim 0 that are the optimizer's (``optimizer_chunks``); for reports only."""
 
 
 class _Metadata:
@@ -384,19 +386,27 @@ class _Metadata:
         if layout is not None and not isinstance(layout, dict):
             self.fail(f"parameter {name!r}: layout {layout!r} is neither an object nor null")
         rank_list: tuple[int, ...] = ()
+        opt_chunks = 1
         if layout is not None:
             if layout.get("interleaved_parallel"):
                 self.fail(f"parameter {name!r}: interleaved_parallel layouts are not supported")
             ranks = layout.get("rank_list")
             if isinstance(ranks, list) and all(_int(r) for r in ranks):
                 rank_list = tuple(ranks)
+            opt_chunks = _optimizer_chunks(layout, grid)
         if len(shape) > 2 and any(g > 1 for g in grid[1:]):
             self.fail(
                 f"parameter {name!r}: a {len(shape)}-dimensional tensor cut past dim 0 "
                 f"(axis_fragmentations {grid}) is not supported"
             )
         return _Entry(
-            tuple(shape), self.dtype(name, raw), grid, local, tuple(sorted(slices)), rank_list
+            tuple(shape),
+            self.dtype(name, raw),
+            grid,
+            local,
+            tuple(sorted(slices)),
+            rank_list,
+            opt_chunks,
         )
 
     def _chunks(
@@ -464,6 +474,28 @@ class _Metadata:
             return 0
         copies = sum(len(r) for r in self.records.get(name, {}).values())
         return math.prod(local) * itemsize(tag) * copies
+
+
+def _optimizer_chunks(layout: dict[str, Any], grid: tuple[int, ...]) -> int:
+    """How many of dim 0's cuts are the optimizer's. The metadata does not say: optimizer
+    sharding appends the device axes the parameter's own map leaves unused to dim 0's entry, in
+    device-matrix order (axis numbers descending), turning it into a list; a Qwen3 parameter's own
+    dim-0 split is over the last axis (tp, ep), if any. So a list's descending tail is the
+    optimizer's (``docs/checkpoint2.md#33-layout``). Only reports use this; reading needs only
+    the grid."""
+    dev, tensor_map = layout.get("device_matrix"), layout.get("tensor_map")
+    if not (isinstance(dev, list) and all(_int(d, 1) for d in dev)):
+        return 1
+    if not (isinstance(tensor_map, list) and tensor_map and isinstance(tensor_map[0], list)):
+        return 1
+    axes = tensor_map[0]
+    if not axes or not all(_int(a) and a < len(dev) for a in axes):
+        return 1
+    start = len(axes) - 1
+    while start > 0 and axes[start - 1] > axes[start]:
+        start -= 1
+    chunks = math.prod(dev[len(dev) - 1 - a] for a in axes[start:])
+    return chunks if grid and grid[0] % chunks == 0 else 1
 
 
 # --------------------------------------------------------------------------- the plan
@@ -609,7 +641,7 @@ def plan_iteration(folder: Path, choice: StepChoice | None = None) -> SourcePlan
             continue
         entry = meta.entry(name)
         params[name] = _param(name, entry, meta.slice_records(name, entry), headers)
-        grids[name] = Grid(entry.grid, ((),) * len(entry.grid), 1)
+        grids[name] = Grid(entry.grid, ((),) * len(entry.grid), entry.opt_chunks)
         stage_ranks[name] = entry.rank_list or params[name].holders[0]
     if not params:
         meta.fail("describes no model parameter (no record names a '-model-' file)")
