@@ -20,7 +20,7 @@ import pytest
 
 from ms2hf.cli import main
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, read_finished
-from tests.conftest import DATA, folder_bytes
+from tests.conftest import DATA, DATA_CKPT2, folder_bytes
 
 SOURCE = DATA / "tiny_fp32"
 ONE_TENSOR_PER_FILE = ["--max-shard-size", "1", "--memory-budget", "2MiB"]
@@ -48,7 +48,7 @@ def clean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     return every_file(out)
 
 
-def _kill_after(out: Path, finished: int) -> int:
+def _kill_after(out: Path, finished: int, source: Path = SOURCE) -> int:
     """Start ``ms2hf convert`` and SIGKILL it once ``finished`` shards have their final names;
     the process's return code (-SIGKILL when it was still running)."""
     argv = [
@@ -56,7 +56,7 @@ def _kill_after(out: Path, finished: int) -> int:
         "-m",
         "ms2hf.cli",
         "convert",
-        str(SOURCE),
+        str(source),
         str(out),
         "-q",
         *ONE_TENSOR_PER_FILE,
@@ -111,6 +111,25 @@ def test_killed_at_random_moments_then_rerun_gives_the_clean_bytes(
         assert convert(out, *ONE_TENSOR_PER_FILE) == 0
     assert every_file(out) == clean
     # Shards recorded as finished were verified and reused, not rewritten.
+    assert {name: _identity(out / name) for name in kept} == kept
+
+
+def test_a_killed_checkpoint2_conversion_resumes_to_the_clean_bytes(tmp_path: Path) -> None:
+    source = DATA_CKPT2 / "tiny_fp32_dp2tp2pp2_opt_dedup"
+    clean_out, out = tmp_path / "clean", tmp_path / "hf"
+    argv = [str(source), "-q", *ONE_TENSOR_PER_FILE]
+    assert main(["convert", argv[0], str(clean_out), *argv[1:], "--workers", "1"]) == 0
+    clean = every_file(clean_out)
+    code = _kill_after(out, 20, source)
+    assert code == -signal.SIGKILL, "the run finished before it could be killed"
+    _looks_right_after_a_kill(out, clean)
+    kept = {
+        name: _identity(out / name)
+        for name in json.loads((out / RUN_RECORD).read_text())["finished"]
+    }
+    assert kept
+    assert main(["convert", argv[0], str(out), *argv[1:]]) == 0
+    assert every_file(out) == clean
     assert {name: _identity(out / name) for name in kept} == kept
 
 
