@@ -455,6 +455,13 @@ def _add_demo(sub: Subcommands) -> Handler:
         help="the model family's example model; a family with experts splits them over expert "
         "parallel 4 (default: qwen3)",
     )
+    p.add_argument(
+        "--format",
+        choices=["legacy", "ckpt2"],
+        default="legacy",
+        help="how the training output is saved: legacy rank folders and strategies, or "
+        "Checkpoint 2.0 (use_legacy_format: False) (default: legacy)",
+    )
     _add_verbosity(p)
     return _run_demo
 
@@ -462,7 +469,9 @@ def _add_demo(sub: Subcommands) -> Handler:
 def _run_demo(args: argparse.Namespace) -> int:
     from ms2hf.commands.demo import run_demo
 
-    result = run_demo(args.out_dir, args.dtype, progress=not args.quiet, model=args.model)
+    result = run_demo(
+        args.out_dir, args.dtype, progress=not args.quiet, model=args.model, save_format=args.format
+    )
     print(result.summary())
     return 0 if result.ok else 1
 

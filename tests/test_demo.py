@@ -43,3 +43,17 @@ def test_moe_demo_converts_and_checks(tmp_path: Path, capsys: pytest.CaptureFixt
     expected = SafetensorsHeader(tmp_path / "training_output" / "expected" / "hf_model.safetensors")
     assert "model.layers.1.mlp.experts.15.down_proj.weight" in expected.tensors
     assert "model.layers.0.mlp.down_proj.weight" in expected.tensors  # the dense layer
+
+
+def test_checkpoint2_demo_beside_the_legacy_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", str(tmp_path), "-q", "--format", "ckpt2"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert " 16 Checkpoint 2.0 files " in line and line.endswith("match the expected bytes"), line
+    iteration = tmp_path / "training_output" / "checkpoint" / "iteration_00001000"
+    assert (iteration / "metadata.json").is_file()
+    # Both formats in one training output: each run converts the save it made.
+    assert main(["demo", str(tmp_path), "-q", "--model", "qwen3-moe"]) == 0
+    assert main(["demo", str(tmp_path), "-q", "--format", "ckpt2", "--model", "qwen3-moe"]) == 0
+    assert capsys.readouterr().out.count("match the expected bytes") == 2

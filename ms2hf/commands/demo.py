@@ -15,6 +15,7 @@ import numpy as np
 
 from ms2hf.commands.convert import ConvertOptions, ConvertReport, convert
 from ms2hf.generator import Generated, GeneratorConfig, generate
+from ms2hf.generator.config import CKPT2, LEGACY
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
@@ -28,11 +29,13 @@ DEMO_EP = 4
 """Expert parallelism for a family with experts: each rank of a stage holds a quarter of them."""
 
 
-def demo_config(model: str) -> GeneratorConfig:
+def demo_config(model: str, save_format: str = LEGACY) -> GeneratorConfig:
     """The run the demo trains for ``--model``: the family's example model on
-    ``DEMO_PARALLEL``. Every family writes the same file names, so one replaces another's
-    files in one folder."""
-    return GeneratorConfig.from_dims(by_name(model).example, ep=DEMO_EP, **DEMO_PARALLEL)
+    ``DEMO_PARALLEL``, saved in ``save_format``. Every family writes the same file names, so one
+    replaces another's files in one folder."""
+    return GeneratorConfig.from_dims(
+        by_name(model).example, ep=DEMO_EP, save_format=save_format, **DEMO_PARALLEL
+    )
 
 
 SHOWN = 5
@@ -57,9 +60,10 @@ class DemoResult:
         if c.moe is not None:
             model = f"Qwen3-MoE ({sizes}, {c.moe.experts} experts per layer)"
             ep = f" x EP{c.moe.ep}"
+        saved = "Checkpoint 2.0 files" if c.save_format == CKPT2 else "rank files"
         made = (
             f"demo: {model} trained on TP{c.tp} x DP{c.dp} x PP{c.pp}{ep}{sharded}: "
-            f"{len(files)} rank files "
+            f"{len(files)} {saved} "
             f"({format_size(sum(p.stat().st_size for p in files))}) in {self.generated.root}; "
             f"converted to {self.report.output_dir} in {self.report.seconds:.1f} s: "
         )
@@ -96,18 +100,27 @@ def mismatches(hf_dir: Path, expected: Path, dtype: str) -> list[str]:
 
 
 def run_demo(
-    out_dir: Path, dtype: str = "bf16", progress: bool = False, model: str = "qwen3"
+    out_dir: Path,
+    dtype: str = "bf16",
+    progress: bool = False,
+    model: str = "qwen3",
+    save_format: str = LEGACY,
 ) -> DemoResult:
-    """Generate ``demo_config(model)`` into ``out_dir/training_output``, convert into
-    ``out_dir/hf``, compare.
+    """Generate ``demo_config(model, save_format)`` into ``out_dir/training_output``, convert
+    into ``out_dir/hf``, compare.
 
-    Running it again replaces the files it wrote (the same names each time), nothing else.
+    Running it again replaces the files it wrote (the same names each time), nothing else; the
+    conversion names the save it reads, so runs of both formats can share the folder.
     """
-    generated = generate(demo_config(model), out_dir / "training_output")
+    generated = generate(demo_config(model, save_format), out_dir / "training_output")
     options = ConvertOptions(
         dtype=dtype, config=generated.train_yaml, overwrite=True, progress=progress
     )
-    report = convert(generated.root, out_dir / "hf", options)
+    if save_format == CKPT2:
+        report = convert(generated.iteration_dir, out_dir / "hf", options)
+    else:
+        where = {"checkpoint_dir": generated.checkpoint_dir, "strategy_dir": generated.strategy_dir}
+        report = convert(None, out_dir / "hf", options, **where)
     want = SafetensorsHeader(generated.expected).tensors
     return DemoResult(
         generated, report, len(want), tuple(mismatches(out_dir / "hf", generated.expected, dtype))
