@@ -14,7 +14,7 @@ from ms2hf.commands.merge import PART_SIZE, plan_unified_files
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_METADATA
 from ms2hf.io.safetensors_writer import layout_shard
-from ms2hf.io.sources.legacy import plan_source
+from ms2hf.io.sources import plan_training_output
 from ms2hf.io.sources.plan import SourceParam
 from ms2hf.io.unified_format import METADATA as UNIFIED_METADATA
 
@@ -53,7 +53,7 @@ def _ranges(params: Mapping[str, SourceParam]) -> list[Range]:
 
 
 def workload_shape(root: Path) -> Shape:
-    source = plan_source(root / "checkpoint", root / "strategy")
+    source = plan_training_output(root)
     files = plan_for(source, ConvertOptions(), {}).files
     hf = tuple(layout_shard([t.entry for t in f.tensors], HF_METADATA).size for f in files)
     parts, _ = plan_unified_files(source.params, source.scalars, PART_SIZE)
@@ -82,14 +82,16 @@ def merge(root: Path, out: Path, *extra: str) -> list[str]:
         "ms2hf.cli",
         "merge",
         "--mindspore_ckpt_dir",
-        str(root / "checkpoint"),
-        "--src_strategy_dirs",
-        str(root / "strategy"),
+        str(root),
         "--output_dir",
         str(out),
         "-q",
         *extra,
     )
+
+
+def plan(root: Path) -> list[str]:
+    return python("-m", "benchmarks.plan", str(root))
 
 
 def reverse(unified: Path, out: Path, *extra: str) -> list[str]:

@@ -16,8 +16,12 @@ ANON_SLACK = 100_000_000
 MEMCAP_LIMIT = "512M"
 MEMORY_BUDGET = "256MiB"
 BUDGET_BYTES = parse_size(MEMORY_BUDGET)
-SPEED_WORKLOADS = ("W", "W-dp2-opt", "M64")
+SPEED_WORKLOADS = ("W", "W-dp2-opt", "M64", "W-ckpt2", "W-ckpt2-dedup")
 SCALING = ("S8", "S14", "W")
+PLANNING_SECONDS = 30.0
+"""Reading and planning a 4096-rank save: "in seconds"."""
+PLANNING_MEMORY_SHARE = 0.01
+"""Planning memory "far below the model's size": under 1% of it."""
 SCALING_CASE = "convert (scaling)"
 MIB = 2**20
 
@@ -120,6 +124,7 @@ def evaluate(
     checks: Mapping[str, bool],
     memcap_note: str | None,
     cold_note: str | None,
+    plans: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[dict[str, object]]:
     """The issue's targets for every workload measured (M64, the MoE, has the dense targets)."""
     states = ["warm"] if cold_note else ["warm", "cold"]
@@ -140,6 +145,8 @@ def evaluate(
         ("W", "convert (memcap)", "2 memory"),
         ("W", "merge+reverse (memcap)", "5 merge+reverse memory"),
         ("M64", "convert (memcap)", "2 memory"),
+        ("W-ckpt2", "convert (memcap)", "2 memory"),
+        ("W-ckpt2-dedup", "convert (memcap)", "2 memory"),
     ):
         row = _find(rows, workload, case)
         if row is None:
@@ -185,6 +192,21 @@ def evaluate(
                 checks.get("W: workers 1 and 2 identical", False),
                 f"speed-up {one.median_s / two.median_s:.2f}x "
                 f"({one.median_s:.2f} s -> {two.median_s:.2f} s)",
+            )
+        )
+    for name, plan in (plans or {}).items():
+        share = plan["peak_anon_bytes"] / plan["model_bytes"]
+        targets.append(
+            _target(
+                f"6 planning: {name} ({plan['ranks']} ranks) read and planned within "
+                f"{PLANNING_SECONDS:.0f} s, peak RssAnon under {PLANNING_MEMORY_SHARE:.0%} of the "
+                "model",
+                plan["wall_seconds"] <= PLANNING_SECONDS and share <= PLANNING_MEMORY_SHARE,
+                f"{plan['wall_seconds']:.2f} s ({plan['seconds']:.2f} s planning, "
+                f"{plan['cpu_seconds']:.2f} s cpu); peak RssAnon "
+                f"{plan['peak_anon_bytes'] / MIB:.0f} MiB for {plan['model_bytes'] / 1e9:.0f} GB "
+                f"of weights ({share:.3%}); "
+                f"metadata.json {plan['metadata_bytes'] / 1e6:.0f} MB",
             )
         )
     for state in states:
@@ -251,3 +273,14 @@ def print_table(
         print(f"check {name}: {'yes' if ok else 'NO'}")
     for t in targets:
         print(f"[{'met' if t['met'] else 'NOT MET'}] {t['target']}: {t['detail']}")
+
+
+def print_planning(plans: Mapping[str, Mapping[str, float]]) -> None:
+    for name, p in plans.items():
+        print(
+            f"planning {name}: {p['ranks']} ranks, {p['files']} model files, {p['parameters']} "
+            f"parameters in {p['blocks']} blocks, {p['model_bytes'] / 1e9:.0f} GB of weights, "
+            f"metadata.json {p['metadata_bytes'] / 1e6:.0f} MB: {p['wall_seconds']:.2f} s "
+            f"(source plan {p['source_plan_seconds']:.2f} s, Hugging Face plan "
+            f"{p['hf_plan_seconds']:.2f} s), peak RssAnon {p['peak_anon_bytes'] / MIB:.0f} MiB"
+        )

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import jobs
+from benchmarks import jobs, measure
 from benchmarks.bench import Bench, Case, Step
 from benchmarks.floor import MODES as FLOOR_MODES
 from benchmarks.machine import describe
@@ -28,10 +28,17 @@ from benchmarks.report import (
     SCALING_CASE,
     Row,
     evaluate,
+    print_planning,
     print_table,
     with_ratios,
 )
-from benchmarks.workloads import Workload, ensure, full_workloads, quick_workloads
+from benchmarks.workloads import (
+    Workload,
+    ensure,
+    full_workloads,
+    planning_workloads,
+    quick_workloads,
+)
 from ms2hf.io.unified_format import unified_dir
 
 HERE = Path(__file__).resolve().parent
@@ -42,9 +49,13 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "workers": ("W",),
     "memory": ("W",),
     "moe": ("M64",),
+    "ckpt2": ("W-ckpt2", "W-ckpt2-dedup"),
+    "plan": ("P4096", "P4096-dedup"),
 }
 """Each section -> the workloads it measures: only those are generated and planned."""
 SECTIONS = tuple(NEEDS)
+PLANNED_ONLY = frozenset(NEEDS["plan"])
+"""Workloads only planned, never converted (sparse files): no I/O shape, no floor."""
 
 
 def floor_cases(name: str, shape: jobs.Shape, bench: Bench) -> list[Case]:
@@ -155,6 +166,40 @@ def memory_runs(
     return checks
 
 
+def planning(bench: Bench, roots: dict[str, Path]) -> dict[str, dict]:
+    """Read and plan each save (``benchmarks.plan``), ``repeat`` times with its metadata and
+    headers in the page cache (the first, unmeasured run puts them there); the median run's
+    figures, and the largest peak memory."""
+    results: dict[str, dict] = {}
+    for name, root in roots.items():
+        bench.log(f"planning: {name}")
+        measure.run(jobs.plan(root), None, bench.env)
+        runs = []
+        for _ in range(bench.repeat):
+            m = measure.run(jobs.plan(root), None, bench.env)
+            if m.returncode != 0:
+                raise RuntimeError(f"{name} planning: exit {m.returncode}\n{m.stderr}")
+            runs.append(
+                {
+                    **json.loads(m.stdout),
+                    "wall_seconds": m.seconds,
+                    "peak_anon_bytes": m.peak_anon_bytes,
+                }
+            )
+            bench.log(
+                f"  {name:12s} {m.seconds:6.2f} s (planning {runs[-1]['seconds']:.2f} s, cpu "
+                f"{runs[-1]['cpu_seconds']:.2f} s)  anon {m.peak_anon_bytes / 2**20:5.0f} MiB"
+            )
+        runs.sort(key=lambda r: r["seconds"])
+        median = runs[len(runs) // 2]
+        results[name] = {
+            **median,
+            "peak_anon_bytes": max(r["peak_anon_bytes"] for r in runs),
+            "runs": runs,
+        }
+    return results
+
+
 def _compared(folder: Path) -> list[str]:
     return sorted(
         p.name
@@ -215,7 +260,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := sections - set(SECTIONS):
         parser.error(f"--sections: unknown {', '.join(sorted(unknown))}")
     needed = {name for section in sections for name in NEEDS[section]}
-    every = quick_workloads() if args.quick else full_workloads()
+    every = {
+        **(quick_workloads() if args.quick else full_workloads()),
+        **planning_workloads(args.quick),
+    }
     workloads = {name: w for name, w in every.items() if name in needed}
     started = time.perf_counter()
 
@@ -225,7 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The quick stand-ins have the full workloads' names: apart, so neither evicts the other.
     cache = args.cache.resolve() / ("quick" if args.quick else "")
     roots = {name: ensure(w, cache, log) for name, w in workloads.items()}
-    shapes = {name: jobs.workload_shape(root) for name, root in roots.items()}
+    shapes = {
+        name: jobs.workload_shape(root) for name, root in roots.items() if name not in PLANNED_ONLY
+    }
     bench = Bench(cache, repeat, log, quick=args.quick)
     if args.quick:
         log("quick: small workloads, one run each; a smoke check of the harness, not figures")
@@ -261,11 +311,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks.update(
             memory_runs(bench, workloads[m], roots[m], shapes[m], reference, merge_reverse=False)
         )
+    if "ckpt2" in sections:
+        for name in NEEDS["ckpt2"]:
+            speed(bench, workloads[name], roots[name], shapes[name], merge_reverse=False, keep=True)
+            reference = bench.out / "converted"
+            checks.update(
+                memory_runs(
+                    bench,
+                    workloads[name],
+                    roots[name],
+                    shapes[name],
+                    reference,
+                    merge_reverse=False,
+                )
+            )
+    plans = {}
+    if "plan" in sections:
+        plans = planning(bench, {name: roots[name] for name in NEEDS["plan"]})
     bench.release(*bench.kept)
 
     rows = with_ratios([Row.of(r, shapes[r.workload]) for r in bench.results.values()])
-    targets = evaluate(rows, checks, bench.memcap_note, bench.cold_note)
+    targets = evaluate(rows, checks, bench.memcap_note, bench.cold_note, plans)
     print_table(rows, targets, checks)
+    print_planning(plans)
     doc = {
         "command": "python -m benchmarks.run"
         + (" --quick" if args.quick else f" --repeat {repeat}"),
@@ -275,12 +343,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             name: {
                 "description": workload.description,
                 "generator_config": asdict(workload.config),
-                "model_bytes_read": shapes[name].read_bytes,
-                "hf_bytes_written": shapes[name].hf_bytes,
-                "unified_bytes_written": shapes[name].unified_bytes,
+                **(
+                    {
+                        "model_bytes_read": shapes[name].read_bytes,
+                        "hf_bytes_written": shapes[name].hf_bytes,
+                        "unified_bytes_written": shapes[name].unified_bytes,
+                    }
+                    if name in shapes
+                    else {}
+                ),
             }
             for name, workload in workloads.items()
         },
+        "planning": plans,
         "rows": [asdict(r) for r in rows],
         "runs": [asdict(r) for r in bench.results.values()],
         "checks": checks,

@@ -50,6 +50,8 @@ class Workload:
     name: str
     config: GeneratorConfig
     description: str
+    data: bool = True
+    """False: headers and holes only (sparse files), a save of any size to plan from."""
 
 
 def _workloads(
@@ -73,10 +75,21 @@ def _workloads(
     tp2pp2 = {"tp": 2, "pp": 2}
     sharded = {"tp": 2, "dp": 2, "pp": 2, "opt_shard": -1}
     moe = MoeConfig(experts=64, moe_ffn=moe_ffn, top_k=8, ep=4)
+    ckpt2 = {"save_format": "ckpt2", **tp2pp2}
     return {
         w.name: w
         for w in (
             Workload("W", qwen(layers, vocab, **tp2pp2), f"{note}fp32 + Adam, TP2 x PP2"),
+            Workload(
+                "W-ckpt2",
+                qwen(layers, vocab, **ckpt2),
+                f"{note}W saved as Checkpoint 2.0 (normal save)",
+            ),
+            Workload(
+                "W-ckpt2-dedup",
+                qwen(layers, vocab, remove_redundancy=True, **ckpt2),
+                f"{note}W saved as Checkpoint 2.0, de-duplicated (balanced plan)",
+            ),
             Workload(
                 "W-dp2-opt",
                 qwen(layers, vocab, **sharded),
@@ -104,9 +117,55 @@ def quick_workloads() -> dict[str, Workload]:
     return _workloads(SMALL, 8, 32768, 2, 8192, 64, "quick: ")
 
 
-def _stamp(config: GeneratorConfig) -> dict[str, object]:
+QWEN3_235B = {
+    "layers": 96,
+    "hidden": 4096,
+    "heads": 64,
+    "groups": 4,
+    "head_dim": 128,
+    "ffn": 12288,
+    "vocab": 151936,
+    "dtype": "bf16",
+    "prefix": "qwen3_moe",
+}
+"""Qwen3-235B-A22B's sizes (with 96 layers for 16 equal pipeline stages, not 94)."""
+
+
+def planning_workloads(quick: bool) -> dict[str, Workload]:
+    """Checkpoint 2.0 saves of a Qwen3-MoE with 128 experts per layer over 4096 ranks (TP4 x
+    DP64 x PP16, EP32, optimizer sharding), normal and de-duplicated, in sparse files: 480 GB of
+    bf16 weights to plan, 2.2 TB of files, a few hundred MB on disk. Quick: 64 ranks."""
+    if quick:
+        sizes = {**QWEN3_235B, "layers": 8, "hidden": 512, "heads": 8, "vocab": 8192}
+        parallel = {"tp": 2, "dp": 8, "pp": 4}
+        moe = MoeConfig(experts=16, moe_ffn=128, top_k=4, ep=4)
+    else:
+        sizes, parallel = QWEN3_235B, {"tp": 4, "dp": 64, "pp": 16}
+        moe = MoeConfig(experts=128, moe_ffn=1536, top_k=8, ep=32)
+    world = parallel["tp"] * parallel["dp"] * parallel["pp"]
+    base = GeneratorConfig(
+        **sizes,
+        **parallel,
+        opt_shard=-1,
+        moe=moe,
+        save_format="ckpt2",  # type: ignore[arg-type]
+    )
+    what = f"Qwen3-MoE {sizes['layers']} layers x {moe.experts} experts, {world} ranks"
+    return {
+        "P4096": Workload("P4096", base, f"{what}, normal save, headers only", data=False),
+        "P4096-dedup": Workload(
+            "P4096-dedup",
+            dataclasses.replace(base, remove_redundancy=True),
+            f"{what}, de-duplicated save, headers only",
+            data=False,
+        ),
+    }
+
+
+def _stamp(workload: Workload) -> dict[str, object]:
     """As read back from the stamp file: through JSON, where tuples become lists."""
-    return json.loads(json.dumps({"generator_config": dataclasses.asdict(config)}))
+    doc = {"generator_config": dataclasses.asdict(workload.config), "data": workload.data}
+    return json.loads(json.dumps(doc))
 
 
 def ensure(workload: Workload, cache: Path, log: Callable[[str], None] = print) -> Path:
@@ -114,7 +173,7 @@ def ensure(workload: Workload, cache: Path, log: Callable[[str], None] = print) 
     root = cache / "workloads" / workload.name
     stamp = root / STAMP
     try:
-        if json.loads(stamp.read_text()) == _stamp(workload.config):
+        if json.loads(stamp.read_text()) == _stamp(workload):
             return root
     except (OSError, ValueError):
         pass
@@ -122,7 +181,7 @@ def ensure(workload: Workload, cache: Path, log: Callable[[str], None] = print) 
         shutil.rmtree(root)
     log(f"generating workload {workload.name} ({workload.description}) into {root} ...")
     started = time.perf_counter()
-    generate(workload.config, root, expected=False)
-    stamp.write_text(json.dumps(_stamp(workload.config), indent=1))
+    generate(workload.config, root, expected=False, data=workload.data)
+    stamp.write_text(json.dumps(_stamp(workload), indent=1))
     log(f"  generated in {time.perf_counter() - started:.0f} s")
     return root

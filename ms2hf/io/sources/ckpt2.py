@@ -13,11 +13,13 @@ table is enforced here, each failure naming the file, the parameter and what was
 from __future__ import annotations
 
 import ast
+import gc
 import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -242,7 +244,7 @@ def _int(value: object, minimum: int = 0) -> bool:
 class _Record:
     file: str
     rank: int | None
-    group: tuple[int, ...] | None
+    group: list[int] | None
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,9 @@ class _Metadata:
             )
         self.entries: dict[str, Any] = doc["state_dict_metadata"]
         self.records: dict[str, dict[int, list[_Record]]] = {}
+        """Model parameters' records, by parameter and slice id."""
+        self.optimizer_copies: dict[str, int] = {}
+        """Optimizer states' record counts."""
         self.kinds: dict[str, str] = {}
         self._read_storage(doc["storage_data"])
 
@@ -283,7 +288,9 @@ class _Metadata:
         raise FormatError(f"{self.path}: {what}")
 
     def _read_storage(self, storage: dict[str, Any]) -> None:
-        kinds: dict[str, str] = {}  # file name -> kind
+        """Group the records by parameter and slice. Optimizer records are only counted: their
+        files are never opened, so only their names are checked (which kind of file)."""
+        kinds: dict[object, str] = {}  # file name -> kind, each name checked once
         for key, recs in storage.items():
             parsed = parse_storage_key(key)
             if parsed is None:
@@ -295,34 +302,41 @@ class _Metadata:
                 self.fail(f"storage_data {key}: no such parameter in state_dict_metadata")
             if not isinstance(recs, list) or not recs:
                 self.fail(f"storage_data {key}: expected a non-empty list of storage records")
-            slices = self.records.setdefault(name, {})
-            out = slices.setdefault(sid, [])
             for rec in recs:
-                record = self._record(key, rec)
-                kind = kinds.get(record.file)
+                file = rec.get("file_name") if isinstance(rec, dict) else None
+                kind = kinds.get(file)
                 if kind is None:
-                    kind = kinds[record.file] = self._file_kind(key, record.file)
+                    kind = kinds[file] = self._file_kind(key, rec)
                 if self.kinds.setdefault(name, kind) != kind:
                     self.fail(f"parameter {name!r}: stored in both model and optimizer files")
-                out.append(record)
+            if kind == MODEL:
+                records = [self._record(key, rec) for rec in recs]
+                self.records.setdefault(name, {})[sid] = records
+            else:
+                self.optimizer_copies[name] = self.optimizer_copies.get(name, 0) + len(recs)
 
-    def _record(self, key: str, rec: object) -> _Record:
-        if not isinstance(rec, dict):
-            self.fail(f"storage_data {key}: record {rec!r} is not an object")
-        name, rank, group = rec.get("file_name"), rec.get("storage_rank"), rec.get("rank_group")
-        if not plain_file_name(name):
-            self.fail(
-                f"storage_data {key}: file_name {name!r} is not a plain file name in the "
-                "iteration folder"
-            )
-        assert isinstance(name, str)
+    def _record(self, key: str, rec: dict[str, Any]) -> _Record:
+        rank, group = rec.get("storage_rank"), rec.get("rank_group")
         if rank is not None and not _int(rank):
             self.fail(f"storage_data {key}: storage_rank {rank!r} is not a rank")
-        if group is not None and not (isinstance(group, list) and all(_int(r) for r in group)):
-            self.fail(f"storage_data {key}: rank_group {group!r} is not a list of ranks")
-        return _Record(name, rank, tuple(group) if group is not None else None)
+        if group is not None and not (
+            isinstance(group, list)
+            and set(map(type, group)) <= {int}
+            and min(group, default=0) >= 0
+        ):
+            self.fail(f"storage_data {key}: rank_group {str(group)[:100]} is not a list of ranks")
+        return _Record(rec["file_name"], rank, group)
 
-    def _file_kind(self, key: str, file: str) -> str:
+    def _file_kind(self, key: str, rec: object) -> str:
+        if not isinstance(rec, dict):
+            self.fail(f"storage_data {key}: record {str(rec)[:100]} is not an object")
+        file = rec.get("file_name")
+        if not plain_file_name(file):
+            self.fail(
+                f"storage_data {key}: file_name {file!r} is not a plain file name in the "
+                "iteration folder"
+            )
+        assert isinstance(file, str)
         if MODEL_FILE.fullmatch(file):
             return MODEL
         if OPT_FILE.fullmatch(file):
@@ -472,8 +486,7 @@ class _Metadata:
         local = chunks[0].get("local_shape") if isinstance(chunks[0], dict) else None
         if not (isinstance(local, list) and all(_int(d) for d in local)):
             return 0
-        copies = sum(len(r) for r in self.records.get(name, {}).values())
-        return math.prod(local) * itemsize(tag) * copies
+        return math.prod(local) * itemsize(tag) * self.optimizer_copies.get(name, 0)
 
 
 def _optimizer_chunks(layout: dict[str, Any], grid: tuple[int, ...]) -> int:
@@ -536,7 +549,7 @@ def _param(
         recs = sorted(records[sid], key=lambda r: (r.rank is None, r.rank or 0, r.file))
         coords = unravel(sid, entry.grid)
         offsets = tuple(c * n for c, n in zip(coords, entry.local))
-        group = recs[0].group or tuple(sorted({r.rank for r in recs if r.rank is not None}))
+        group = tuple(recs[0].group or sorted({r.rank for r in recs if r.rank is not None}))
         all_holders.update(group)
         placed: list[Block] = []
         for rec in recs:
@@ -621,9 +634,28 @@ def _read_common(folder: Path, iteration: int | None) -> dict[str, Any]:
     return doc
 
 
+@contextmanager
+def _without_gc() -> Iterator[None]:
+    """Planning a large save makes millions of small objects, none in a cycle; the cyclic
+    collector would scan them over and over and find nothing (half the planning time of a
+    4096-rank save)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def plan_iteration(folder: Path, choice: StepChoice | None = None) -> SourcePlan:
     """Plan reading one iteration folder: every model parameter's blocks, from ``metadata.json``
     and the ``-model-`` files' headers; optimizer files are never opened."""
+    with _without_gc():
+        return _plan_iteration(folder, choice)
+
+
+def _plan_iteration(folder: Path, choice: StepChoice | None) -> SourcePlan:
     iteration = iteration_number(folder)
     step = str(iteration) if iteration is not None else folder.name
     counters = _read_common(folder, iteration)
