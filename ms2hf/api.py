@@ -55,7 +55,9 @@ def convert(
     strategy_dir: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> ConvertReport:
-    """Convert a training output (``checkpoint/`` and ``strategy/``) into a Hugging Face folder.
+    """Convert a training output into a Hugging Face folder: the folder holding ``checkpoint/``
+    (legacy rank folders with ``strategy/`` beside, or Checkpoint 2.0 iterations), the
+    ``checkpoint/`` folder itself, or one ``iteration_XXXXXXXX/`` folder.
 
     Keyword options are ``ConvertOptions`` fields: ``dtype``, ``max_shard_size``, ``step``,
     ``config``, ``reference_config``, ``tokenizer_dir``, ``given``, ``routing_scale``,

@@ -227,9 +227,9 @@ def run_options(args: argparse.Namespace) -> ConvertOptions:
 def _add_convert(sub: Subcommands) -> Handler:
     p = sub.add_parser(
         "convert",
-        help="training output (rank files + strategy) -> Hugging Face checkpoint",
-        description="Convert a MindSpore Transformers Qwen3 training output into a Hugging Face "
-        "checkpoint in one streaming pass.",
+        help="training output (legacy or Checkpoint 2.0) -> Hugging Face checkpoint",
+        description="Convert a MindSpore Transformers Qwen3 training output, legacy or Checkpoint "
+        "2.0, into a Hugging Face checkpoint in one streaming pass.",
     )
     p.add_argument(
         "training_output",

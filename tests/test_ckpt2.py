@@ -352,10 +352,25 @@ def test_merge_gives_the_legacy_twins_parts(name: str, tmp_path: Path) -> None:
     assert mine == legacy and len(mine) > 2
 
 
-def test_python_api_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_python_api_json_config_and_tokenizer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fixture = DATA_CKPT2 / "tiny_fp32_dp2tp2pp2_opt_dedup"
-    report = ms2hf.convert(fixture, tmp_path / "hf", dtype="fp32", progress=False)
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text('{"model_max_length": 256}')
+    report = ms2hf.convert(
+        fixture,
+        tmp_path / "hf",
+        dtype="fp32",
+        progress=False,
+        reference_config=fixture / "ground_truth" / "config.json",
+        tokenizer_dir=tokenizer,
+    )
     assert report.to_dict()["bytes_written"] == 2_496_000
+    assert report.tokenizer_files == ["tokenizer_config.json"]
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 256  # from the reference config
     assert main(["convert", str(fixture), str(tmp_path / "cli"), "--json", "-q"]) == 0
     assert json.loads(capsys.readouterr().out)["tensors"] == 47
     inspected = ms2hf.inspect(fixture)
