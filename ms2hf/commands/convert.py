@@ -19,7 +19,7 @@ from typing import Any
 from ms2hf.errors import FormatError, ModelError
 from ms2hf.io.config_files import ConfigValue, Given
 from ms2hf.io.hf_output import HF_INDEX, HF_METADATA, copy_file, index_document, write_json
-from ms2hf.io.sources import plan_training_output
+from ms2hf.io.sources import found, plan_training_output
 from ms2hf.io.sources.plan import SourcePlan
 from ms2hf.io.tokenizer_files import find_tokenizer_files, same_file, usability_notes
 from ms2hf.io.unified_format import PARAM_NAME_MAP
@@ -237,6 +237,7 @@ def convert(
     source = plan_training_output(
         training_output, options.step, checkpoint_dir=checkpoint_dir, strategy_dir=strategy_dir
     )
+    log.info("%s", found(source))
     log.info(
         "step %s: %d ranks, %d stage(s), %d parameters (%s of weights; %s of optimizer state "
         "not read)",

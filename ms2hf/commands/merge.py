@@ -20,7 +20,7 @@ from pathlib import Path
 from ms2hf.errors import ModelError
 from ms2hf.io.config_files import read_train_config
 from ms2hf.io.hf_output import index_document
-from ms2hf.io.sources import plan_training_output
+from ms2hf.io.sources import found, plan_training_output
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.io.unified_format import (
     HYPER_PARAM,
@@ -172,6 +172,7 @@ def merge(
     options = options or MergeOptions()
     started = time.perf_counter()
     source = plan_training_output(checkpoint_dir, options.step, strategy_dir=strategy_path)
+    log.info("%s", found(source))
     warning = redundancy_disagreement(source, options.has_redundancy)
     if warning:
         log.warning("warning: %s", warning)

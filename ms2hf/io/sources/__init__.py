@@ -10,7 +10,6 @@ through here, so they accept the same paths and say the same about what they fou
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from dataclasses import dataclass
@@ -18,8 +17,6 @@ from pathlib import Path
 
 from ms2hf.errors import FormatError
 from ms2hf.io.sources.plan import CKPT2, LEGACY, SourcePlan
-
-log = logging.getLogger("ms2hf")
 
 _RANK_DIR = re.compile(r"rank_\d+")
 _ITERATION_DIR = re.compile(r"iteration_\d{8,}")
@@ -133,30 +130,24 @@ def plan_training_output(
     checkpoint_dir: PathLike | None = None,
     strategy_dir: PathLike | None = None,
 ) -> SourcePlan:
-    """The source plan of a training output in either format, saying what was found and which
-    step was chosen."""
+    """The source plan of a training output in either format (``found`` says what it is)."""
     where = locate(path, checkpoint_dir=checkpoint_dir, strategy_dir=strategy_dir, step=step)
     if where.source_format == LEGACY:
         from ms2hf.io.sources.legacy import plan_source
 
         assert where.strategy_dir is not None
-        plan = plan_source(where.checkpoint_dir, where.strategy_dir, step)
-        found = f"legacy rank folders (strategy: {where.strategy_dir})"
-    else:
-        from ms2hf.io.sources.ckpt2 import choose_iteration, plan_iteration
+        return plan_source(where.checkpoint_dir, where.strategy_dir, step)
+    from ms2hf.io.sources.ckpt2 import choose_iteration, plan_iteration
 
-        folder, chosen = choose_iteration(where.checkpoint_dir, step, where.iteration_dir)
-        plan = plan_iteration(folder, chosen)
-        found = f"a Checkpoint 2.0 save ({folder.name})"
-    choice = plan.choice
-    present = ", ".join(choice.present) if choice else plan.step
-    reason = f" ({choice.reason})" if choice else ""
-    log.info(
-        "%s: %s; steps present: %s; reading %s%s",
-        where.checkpoint_dir,
-        found,
-        present,
-        plan.step,
-        reason,
-    )
-    return plan
+    folder, chosen = choose_iteration(where.checkpoint_dir, step, where.iteration_dir)
+    return plan_iteration(folder, chosen)
+
+
+def found(plan: SourcePlan) -> str:
+    """What was found and which step is read, for the log of a command that converts it:
+    ``checkpoint: a Checkpoint 2.0 save (iteration_00001000); steps present: 500, 1000; reading
+    1000 (the tracker's)``."""
+    what = "legacy rank folders" if plan.source_format == LEGACY else "a Checkpoint 2.0 save"
+    present = ", ".join(plan.choice.present) if plan.choice else plan.step
+    reason = f" ({plan.choice.reason})" if plan.choice else ""
+    return f"{plan.root}: {what}; steps present: {present}; reading {plan.step}{reason}"
