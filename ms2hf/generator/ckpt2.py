@@ -26,7 +26,8 @@ from ms2hf.generator.files import ADAM_STATE, FileSpec, Slot, training_scalars
 from ms2hf.generator.layouts import PlacedParam
 from ms2hf.io.placement import block_coords, grid
 from ms2hf.io.safetensors_writer import TensorEntry
-from ms2hf.io.sources.ckpt2 import COMMON, METADATA, MS_DTYPES, TRACKER
+from ms2hf.io.sources.ckpt2_metadata import COMMON, METADATA, MS_DTYPES
+from ms2hf.io.sources.iterations import TRACKER
 from ms2hf.io.sources.strategy import NOT_SPLIT
 
 FILE_METADATA = {"format": "ms"}

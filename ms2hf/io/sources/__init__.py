@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ms2hf.errors import FormatError
+from ms2hf.io.sources.iterations import ITERATION_DIR, TRACKER
 from ms2hf.io.sources.plan import CKPT2, LEGACY, SourcePlan
 
 _RANK_DIR = re.compile(r"rank_\d+")
-_ITERATION_DIR = re.compile(r"iteration_\d{8,}")
-_TRACKER = "latest_checkpointed_iteration.txt"
 
 PathLike = str | os.PathLike[str]
 
@@ -47,7 +46,7 @@ def _holds(folder: Path) -> tuple[bool, bool]:
         return False, False
     for p in entries:
         legacy |= bool(_RANK_DIR.fullmatch(p.name)) and p.is_dir()
-        ckpt2 |= p.name == _TRACKER or (bool(_ITERATION_DIR.fullmatch(p.name)) and p.is_dir())
+        ckpt2 |= p.name == TRACKER or (bool(ITERATION_DIR.fullmatch(p.name)) and p.is_dir())
     return legacy, ckpt2
 
 
@@ -55,7 +54,7 @@ def is_training_output(path: Path) -> bool:
     """A training output, its ``checkpoint/`` folder, or one iteration folder."""
     if not path.is_dir():
         return False
-    if _ITERATION_DIR.fullmatch(path.name) or (path / "checkpoint").is_dir():
+    if ITERATION_DIR.fullmatch(path.name) or (path / "checkpoint").is_dir():
         return True
     return any(_holds(path))
 
@@ -77,14 +76,14 @@ def locate(
                 f"{root}: training output folder does not exist (expected a folder holding "
                 "checkpoint/, the checkpoint/ folder itself, or an iteration_XXXXXXXX/ folder)"
             )
-        if _ITERATION_DIR.fullmatch(root.name):
+        if ITERATION_DIR.fullmatch(root.name):
             return Location(CKPT2, root.parent, iteration_dir=root)
         checkpoint = root / "checkpoint" if (root / "checkpoint").is_dir() else root
     else:
         checkpoint = Path(checkpoint_dir)
         if not checkpoint.is_dir():
             raise FormatError(f"{checkpoint}: checkpoint folder does not exist or is not a folder")
-        if _ITERATION_DIR.fullmatch(checkpoint.name):
+        if ITERATION_DIR.fullmatch(checkpoint.name):
             return Location(CKPT2, checkpoint.parent, iteration_dir=checkpoint)
     legacy, ckpt2 = _holds(checkpoint)
     if legacy and ckpt2 and strategy_dir is None and (step is None or "_" not in step):
@@ -104,7 +103,7 @@ def locate(
         return Location(CKPT2, checkpoint)
     raise FormatError(
         f"{checkpoint}: no training checkpoint here: expected rank_N folders (legacy, with "
-        f"strategy/ beside) or iteration_XXXXXXXX folders and {_TRACKER} (Checkpoint 2.0)"
+        f"strategy/ beside) or iteration_XXXXXXXX folders and {TRACKER} (Checkpoint 2.0)"
     )
 
 
@@ -137,7 +136,8 @@ def plan_training_output(
 
         assert where.strategy_dir is not None
         return plan_source(where.checkpoint_dir, where.strategy_dir, step)
-    from ms2hf.io.sources.ckpt2 import choose_iteration, plan_iteration
+    from ms2hf.io.sources.ckpt2 import plan_iteration
+    from ms2hf.io.sources.iterations import choose_iteration
 
     folder, chosen = choose_iteration(where.checkpoint_dir, step, where.iteration_dir)
     return plan_iteration(folder, chosen)
