@@ -95,6 +95,48 @@ MUTATIONS = (
         "    missing: list[tuple[int, ...]] = []",
         "coverage: a block no rank saved is not reported",
     ),
+    Mutation(
+        "ckpt2-slice-id-column-major",
+        "ms2hf/io/sources/ckpt2.py",
+        "        coords = unravel(sid, entry.grid)",
+        "        coords = tuple(reversed(unravel(sid, tuple(reversed(entry.grid)))))",
+        "Checkpoint 2.0: slice ids unravelled with the first dim fastest",
+    ),
+    Mutation(
+        "ckpt2-whole-as-slice",
+        "ms2hf/io/sources/ckpt2.py",
+        "header.path, rank, name, info.start, zero, entry.shape",
+        "header.path, rank, name, info.start, zero, entry.local",
+        "Checkpoint 2.0: a whole stored parameter read as its first slice",
+    ),
+    Mutation(
+        "ckpt2-newer-than-tracker",
+        "ms2hf/io/sources/iterations.py",
+        "    newer = sorted(i for i in found if i > tracker)",
+        "    newer: list[int] = []",
+        "Checkpoint 2.0: an iteration newer than the tracker passes silently",
+    ),
+    Mutation(
+        "ckpt2-any-file-name",
+        "ms2hf/io/sources/ckpt2_metadata.py",
+        "        if not plain_file_name(file):",
+        "        if False:",
+        "Checkpoint 2.0: a file_name leading out of the iteration folder is followed",
+    ),
+    Mutation(
+        "ckpt2-optimizer-fold",
+        "ms2hf/io/sources/ckpt2_metadata.py",
+        "    while start > 0 and axes[start - 1] > axes[start]:",
+        "    while start > 0 and axes[start - 1] < axes[start]:",
+        "Checkpoint 2.0 inspect: the optimizer's axes read from the wrong end of dim 0's entry",
+    ),
+    Mutation(
+        "ckpt2-balanced-ties",
+        "ms2hf/generator/ckpt2.py",
+        "            rank = min(holders[key], key=load.__getitem__)",
+        "            rank = min(holders[key][::-1], key=load.__getitem__)",
+        "Checkpoint 2.0 generator: the balanced plan's ties go to the highest rank",
+    ),
 )
 
 
