@@ -405,3 +405,24 @@ def test_a_bigger_save_over_many_workers_and_a_small_budget(tmp_path: Path) -> N
 def test_format_error_types(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="no training checkpoint here"):
         convert(tmp_path, tmp_path / "hf", quiet())
+
+
+def test_an_older_mindformers_metadata_form(tmp_path: Path) -> None:
+    """mindformers 1.7-1.8 wrote ``metadata.json`` indented and without ``rank_group``
+    (``docs/checkpoint2.md#12-notes-where-spec-section-9-is-wrong-or-incomplete``): the same
+    weights, holders taken from the records."""
+    fixture = DATA_CKPT2 / "moe_fp32_dp2tp2pp2_ep2_dedup"
+    copy = tmp_path / "old"
+    shutil.copytree(fixture / "checkpoint", copy / "checkpoint")
+    path = copy / "checkpoint" / ITERATION / "metadata.json"
+    meta = json.loads(path.read_text())
+    for records in meta["storage_data"].values():
+        for record in records:
+            del record["rank_group"]
+    path.write_text(json.dumps(meta, indent=4))
+    convert(copy, tmp_path / "a", quiet())
+    convert(fixture, tmp_path / "b", quiet())
+    assert folder_bytes(tmp_path / "a") == folder_bytes(tmp_path / "b")
+    slices = {p.name: p.slices for p in ms2hf.inspect(copy).params}
+    qkv = slices["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert [s.holders for s in qkv] == [(2,), (3,)]  # without rank_group: the ranks that saved
