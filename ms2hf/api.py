@@ -61,7 +61,8 @@ def convert(
 
     Keyword options are ``ConvertOptions`` fields: ``dtype``, ``max_shard_size``, ``step``,
     ``config``, ``reference_config``, ``tokenizer_dir``, ``given``, ``routing_scale``,
-    ``memory_budget``, ``workers``, ``overwrite``, ``progress``, ``strict``. Raises
+    ``memory_budget``, ``workers``, ``overwrite``, ``progress``, ``strict``; on a LoRA fine-tune
+    ``lora`` (``merged``, ``adapter`` or ``base``), ``lora_alpha`` and ``base_model``. Raises
     ``Ms2hfError`` on any problem with the input, the options or the output folder.
     """
     return _convert.convert(

@@ -33,6 +33,7 @@ from ms2hf.commands.merge import PART_SIZE, MergeOptions, merge
 from ms2hf.errors import Ms2hfError
 from ms2hf.pipeline.engine.budget import parse_size
 from ms2hf.pipeline.given import parse_setting, settings
+from ms2hf.pipeline.lora import LORA_MODES
 from ms2hf.pipeline.shards import SHARD_LAYOUTS
 from ms2hf.transforms.casts import TARGETS
 from ms2hf.transforms.registry import FAMILIES
@@ -120,6 +121,7 @@ def add_hf_options(p: argparse.ArgumentParser) -> None:
         "on it), e.g. --set max_position_embeddings=40960; VALUE is JSON or a plain string",
     )
     add_routing_options(p)
+    add_lora_options(p)
 
 
 def add_routing_options(p: argparse.ArgumentParser) -> None:
@@ -141,6 +143,28 @@ def add_routing_options(p: argparse.ArgumentParser) -> None:
         const="ignore",
         help="drop the routing scale: the converted model routes without it, so its outputs "
         "differ from the trained model's",
+    )
+
+
+def add_lora_options(p: argparse.ArgumentParser) -> None:
+    """What to make of a LoRA fine-tune (docs/lora.md)."""
+    p.add_argument(
+        "--lora",
+        choices=LORA_MODES,
+        help="on a LoRA fine-tune: merged (the fine-tuned model; the default), adapter (a PEFT "
+        "adapter folder) or base (the model without the fine-tuning)",
+    )
+    p.add_argument(
+        "--lora-alpha",
+        type=float,
+        metavar="ALPHA",
+        help="LoRA alpha (scale alpha / r), when neither the training yaml's pet_config nor the "
+        "run's adapter_config.json next to checkpoint/ gives it; all values given must agree",
+    )
+    p.add_argument(
+        "--base-model",
+        metavar="NAME",
+        help="the adapter's base_model_name_or_path (a hub id or folder of the base model)",
     )
 
 
@@ -203,6 +227,9 @@ def hf_options(args: argparse.Namespace) -> ConvertOptions:
         tokenizer_dir=args.tokenizer_dir,
         given=settings(dict(parse_setting(text) for text in args.settings), "--set"),
         routing_scale=args.routing_scale,
+        lora=args.lora,
+        lora_alpha=args.lora_alpha,
+        base_model=args.base_model,
     )
 
 
@@ -416,6 +443,15 @@ def _add_verify(sub: Subcommands) -> Handler:
     _add_step(p)
     add_config_option(p)
     add_routing_options(p)
+    p.add_argument(
+        "--lora",
+        choices=[m for m in LORA_MODES if m != "adapter"],
+        help="a model folder made from a LoRA fine-tune holds the merged (default) or base "
+        "model; an adapter folder is recognised as one",
+    )
+    p.add_argument(
+        "--lora-alpha", type=float, metavar="ALPHA", help="LoRA alpha, as convert was given it"
+    )
     add_resource_options(p)
     _add_verbosity(p)
     return _run_verify
@@ -430,6 +466,8 @@ def _run_verify(args: argparse.Namespace) -> int:
         routing_scale=args.routing_scale,
         memory_budget=args.memory_budget,
         workers=args.workers,
+        lora=args.lora,
+        lora_alpha=args.lora_alpha,
     )
     report = verify(args.hf_dir, args.against, options)
     print(report.summary())

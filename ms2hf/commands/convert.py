@@ -25,7 +25,16 @@ from ms2hf.io.tokenizer_files import find_tokenizer_files, same_file, usability_
 from ms2hf.io.unified_format import PARAM_NAME_MAP
 from ms2hf.pipeline.engine.budget import format_size
 from ms2hf.pipeline.engine.execute import SmallFile
+from ms2hf.pipeline.engine.output_dir import ADAPTER_FOLDER, HF_FOLDER
 from ms2hf.pipeline.given import given_values, origin_lines
+from ms2hf.pipeline.lora import (
+    ALPHA_FLAG,
+    LORA_MODES,
+    LoraPlan,
+    LoraRequest,
+    lora_given,
+    run_adapter_config,
+)
 from ms2hf.pipeline.plan import HfPlan, plan_hf_checkpoint
 from ms2hf.pipeline.run import (
     RunOptions,
@@ -38,6 +47,7 @@ from ms2hf.pipeline.run import (
 from ms2hf.pipeline.shards import SHARD_LAYOUTS
 from ms2hf.transforms.casts import TARGETS
 from ms2hf.transforms.hf_config import config_json
+from ms2hf.transforms.lora import adapter_config
 from ms2hf.transforms.registry import ROUTING_POLICIES
 
 log = logging.getLogger("ms2hf")
@@ -64,6 +74,14 @@ class ConvertOptions(RunOptions):
     routing_scale: str | None = None
     """``fold`` or ``ignore``: what to do with a routing scale the Hugging Face model cannot
     state (``docs/qwen3-moe.md#routing``); None stops the run when there is one."""
+    lora: str | None = None
+    """On a LoRA fine-tune: ``merged`` (the fine-tuned model; the default), ``adapter`` (a PEFT
+    adapter) or ``base`` (the model without the fine-tuning)."""
+    lora_alpha: float | None = None
+    """LoRA's alpha, when neither the yaml nor the run's adapter_config.json gives it (or to
+    confirm them: every value given must agree)."""
+    base_model: str | None = None
+    """A PEFT adapter's ``base_model_name_or_path`` (a hub id or folder of the base model)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +99,13 @@ class ConvertOptions(RunOptions):
             isinstance(k, str) and isinstance(v, ConfigValue) for k, v in self.given.items()
         ):
             raise option_error("given", self.given, "a mapping of config.json names to values")
+        if self.lora not in (None, *LORA_MODES):
+            raise option_error("lora", self.lora, f"one of {', '.join(LORA_MODES)}, or None")
+        alpha = self.lora_alpha
+        if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))):
+            raise option_error("lora_alpha", alpha, "a number, or None")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise option_error("base_model", self.base_model, "a model name or path, or None")
 
 
 @dataclass
@@ -105,6 +130,8 @@ class ConvertReport:
     """The largest anonymous resident size sampled while writing: what the run itself held."""
     read_ranges: list[tuple[Path, int, int]] = field(default_factory=list)
     """Distinct ``(file, start, end)`` ranges read, when ``record_reads`` was on."""
+    lora: LoraPlan | None = None
+    """On a LoRA fine-tune: what was written (mode), r, alpha and where it came from, targets."""
 
     @property
     def gb_per_s(self) -> float:
@@ -132,8 +159,28 @@ def gather_given(options: ConvertOptions) -> Given:
     return given_values(options.reference_config, options.config, options.given)
 
 
-def plan_for(source: SourcePlan, options: ConvertOptions, given: Given) -> HfPlan:
-    """The Hugging Face checkpoint ``options`` ask for."""
+def run_folder(
+    training_output: str | os.PathLike[str] | None,
+    checkpoint_dir: str | os.PathLike[str] | None,
+) -> Path | None:
+    """The training run's output folder, where mindformers writes a LoRA run's
+    ``adapter_config.json``: the folder given, else the one holding ``checkpoint/``."""
+    if training_output is not None:
+        return Path(training_output)
+    return Path(checkpoint_dir).parent if checkpoint_dir is not None else None
+
+
+def lora_request(options: ConvertOptions, run_dir: Path | None) -> LoraRequest:
+    """The LoRA output ``options`` ask for, with what ``--lora-alpha``, the yaml and the run's
+    ``adapter_config.json`` (looked for in ``run_dir``, the run's output folder) say about it."""
+    given = lora_given(options.lora_alpha, options.config, run_adapter_config(run_dir))
+    return LoraRequest(options.lora, given, options.base_model)
+
+
+def plan_for(
+    source: SourcePlan, options: ConvertOptions, given: Given, lora: LoraRequest | None = None
+) -> HfPlan:
+    """The Hugging Face checkpoint (or PEFT adapter) ``options`` ask for."""
     return plan_hf_checkpoint(
         source,
         given,
@@ -141,30 +188,62 @@ def plan_for(source: SourcePlan, options: ConvertOptions, given: Given) -> HfPla
         options.max_shard_size,
         options.shard_layout,
         options.routing_scale,
+        lora,
     )
 
 
+def _adapter_config(lora: LoraPlan) -> dict[str, Any]:
+    """A PEFT adapter's config (written last, in place of an index), said in the log."""
+    assert lora.alpha is not None
+    doc = adapter_config(lora.rank, lora.alpha.value, lora.targets, lora.dropout, lora.base_model)
+    log.info("adapter_config.json: %s", ", ".join(f"{k}={v!r}" for k, v in doc.items()))
+    named = [t for t in lora.targets if "." in t]
+    if named:
+        log.warning(
+            "warning: target_modules names %s in full: other modules of those names have no "
+            "LoRA. On a Qwen3-MoE, PEFT 0.21 with transformers 5 turns every gate_proj, up_proj "
+            "and down_proj target into the fused experts and cannot load this adapter; the "
+            "merged model (the default) has no such limit (docs/lora.md#4)",
+            ", ".join(named),
+        )
+    return doc
+
+
 def write_hf_checkpoint(
-    source: SourcePlan, out_dir: Path, options: ConvertOptions, given: Given
+    source: SourcePlan,
+    out_dir: Path,
+    options: ConvertOptions,
+    given: Given,
+    lora: LoraRequest | None = None,
 ) -> ConvertReport:
-    """The shared back half of ``convert`` and ``reverse``: model rules, shards, index, config.
-    Tokenizer files already in ``out_dir`` (``--tokenizer-dir`` naming it) stay where they are."""
-    plan = plan_for(source, options, given)
+    """The shared back half of ``convert`` and ``reverse``: model rules, shards, index, config
+    (or, on a LoRA fine-tune with ``--lora adapter``, the adapter and its config). Tokenizer
+    files already in ``out_dir`` (``--tokenizer-dir`` naming it) stay where they are."""
+    plan = plan_for(source, options, given, lora)
     model = plan.model
     tokenizer = find_tokenizer_files(options.tokenizer_dir) if options.tokenizer_dir else []
     copies = [path for path in tokenizer if not same_file(path, out_dir / path.name)]
-    log.info("%s: %d tensors", model.model_type, len(model.outputs))
+    if plan.lora is not None:
+        log.info("%s", plan.lora.describe())
+    elif options.lora is not None or options.lora_alpha is not None:
+        asked = f"--lora {options.lora}" if options.lora else f"{ALPHA_FLAG} {options.lora_alpha}"
+        log.info("note: %s: the checkpoint has no LoRA weights; writing the model as it is", asked)
+    log.info("%s: %d tensors", model.model_type, len(plan.weight_map))
     for note in model.notes:
         log.info("note: %s", note)
-    log.info("config.json values, by where they came from:")
-    for line in origin_lines(model.config):
-        log.info("%s", line)
-    config = config_json(model.config)
-    then = [
-        *(SmallFile(path.name, partial(copy_file, path)) for path in copies),
-        SmallFile("config.json", lambda path: write_json(path, config)),
-    ]
-    index = index_document(plan.weight_map, plan.nbytes, plan.parameters)
+    then = [SmallFile(path.name, partial(copy_file, path)) for path in copies]
+    if plan.adapter:
+        assert plan.lora is not None
+        index: dict[str, Any] = _adapter_config(plan.lora)
+        kind = ADAPTER_FOLDER
+    else:
+        log.info("config.json values, by where they came from:")
+        for line in origin_lines(model.config):
+            log.info("%s", line)
+        config = config_json(model.config)
+        then.append(SmallFile("config.json", lambda path: write_json(path, config)))
+        index = index_document(plan.weight_map, plan.nbytes, plan.parameters)
+        kind = HF_FOLDER
     inputs = [p for p in (options.config, options.reference_config, *tokenizer) if p is not None]
     stats = run_plan(
         source,
@@ -176,9 +255,10 @@ def write_hf_checkpoint(
         index,
         options,
         "convert",
+        kind=kind,
         inputs=inputs,
     )
-    notes = usability_notes(out_dir)
+    notes = [] if plan.adapter else usability_notes(out_dir)
     for note in notes:
         log.info("note: %s", note)
     return ConvertReport(
@@ -196,6 +276,7 @@ def write_hf_checkpoint(
         peak_rss_bytes=stats.peak_rss_bytes,
         peak_anonymous_bytes=stats.peak_anonymous_bytes,
         read_ranges=stats.read_ranges,
+        lora=plan.lora,
     )
 
 
@@ -238,6 +319,7 @@ def convert(
         training_output, options.step, checkpoint_dir=checkpoint_dir, strategy_dir=strategy_dir
     )
     log.info("%s", found(source))
+    lora = lora_request(options, run_folder(training_output, checkpoint_dir))
     log.info(
         "step %s: %d ranks, %d stage(s), %d parameters (%s of weights; %s of optimizer state "
         "not read)",
@@ -249,7 +331,7 @@ def convert(
         format_size(source.optimizer_bytes),
     )
     try:
-        report = write_hf_checkpoint(source, Path(out_dir), options, given)
+        report = write_hf_checkpoint(source, Path(out_dir), options, given, lora)
     except ModelError as e:
         raise ModelError(f"{source.root}, step {source.step}: {e}") from e
     report.seconds = time.perf_counter() - started

@@ -209,7 +209,7 @@ def _compare_tensor(
     file: str,
     info: TensorInfo,
     tensor: OutputTensor,
-    param: SourceParam,
+    params: Mapping[str, SourceParam],
     mapped: MappedFiles,
     buffer: np.ndarray,
 ) -> str | None:
@@ -219,11 +219,12 @@ def _compare_tensor(
             f"{file}: {tensor.name} has shape {list(info.shape)}, "
             f"the source gives {list(tensor.shape)}"
         )
+    param = params[tensor.source]
     if info.dtype not in {output_dtype(param.dtype, t) for t in TARGETS}:
         return f"{file}: {tensor.name} is {info.dtype}, which no conversion of {param.dtype} gives"
     dtype = to_numpy(info.dtype)
     buffer = fit_row(buffer, tensor, dtype)
-    for offset, _, raw in assembled_bands(tensor, dtype, buffer, param, mapped):
+    for offset, _, raw in assembled_bands(tensor, dtype, buffer, params, mapped):
         written = mapped.view(folder / file, info.start + offset, np.dtype(np.uint8), raw.shape)
         at = first_difference(raw, written)
         if at is not None:
@@ -252,8 +253,7 @@ def _check_against(
         if not hasattr(buffers, "band"):
             buffers.band = np.empty(budget.band_bytes, np.uint8)
         file, info = found[tensor.name]
-        param = source.params[tensor.source]
-        return _compare_tensor(folder, file, info, tensor, param, mapped, buffers.band)
+        return _compare_tensor(folder, file, info, tensor, source.params, mapped, buffers.band)
 
     with MappedFiles() as mapped, ThreadPoolExecutor(budget.workers) as pool:
         report.problems += [p for p in pool.map(check, outputs) if p is not None]

@@ -100,11 +100,10 @@ def _number(value: Any) -> Any:
     return float(value) if isinstance(value, str) and _EXPONENT_FLOAT.match(value) else value
 
 
-def read_train_config(path: str | Path) -> Given:
-    """The settings of ``model.model_config`` in the yaml, under config.json names."""
+def _model_config(path: Path) -> dict[str, Any]:
+    """The yaml's ``model.model_config`` section."""
     import yaml  # here, not above: only runs given a yaml pay for PyYAML's import (~25 ms)
 
-    path = Path(path)
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -115,6 +114,13 @@ def read_train_config(path: str | Path) -> Given:
     section = model.get("model_config") if isinstance(model, dict) else None
     if not isinstance(section, dict):
         raise FormatError(f"{path}: no 'model: model_config:' section")
+    return section
+
+
+def read_train_config(path: str | Path) -> Given:
+    """The settings of ``model.model_config`` in the yaml, under config.json names."""
+    path = Path(path)
+    section = _model_config(path)
     out: Given = {}
     clashes = []
     for key, value in section.items():
@@ -189,3 +195,60 @@ def _rope_entries(doc: dict[str, Any], flat: Given, path: Path, origin: str) -> 
     ):
         out["rope_scaling"] = ConfigValue(scaling, f"{origin}: {ROPE_PARAMETERS}")
     return out
+
+
+PET_CONFIG = "pet_config"
+PET_KEYS = ("pet_type", "lora_rank", "lora_alpha", "lora_dropout")
+"""What ``model.model_config.pet_config`` says about a LoRA run (``docs/lora.md#1``)."""
+
+
+def read_pet_config(path: str | Path) -> Given:
+    """The training yaml's parameter-efficient fine-tuning settings, under their own names; empty
+    when the yaml has no ``pet_config`` (a full fine-tune)."""
+    path = Path(path)
+    pet = _model_config(path).get(PET_CONFIG)
+    if pet is None:
+        return {}
+    if not isinstance(pet, dict):
+        raise FormatError(f"{path}: model.model_config.{PET_CONFIG} is not a mapping")
+    origin = f"{path.name}: model.model_config.{PET_CONFIG}"
+    return {
+        key: ConfigValue(_number(pet[key]), f"{origin}.{key}")
+        for key in PET_KEYS
+        if pet.get(key) is not None
+    }
+
+
+RUN_ADAPTER_CONFIG = "adapter_config.json"
+"""What mindformers writes into a LoRA run's output folder, and what PEFT names its config."""
+RUN_ADAPTER_KEYS = ("r", "lora_alpha", "lora_dropout")
+
+
+def read_run_adapter_config(path: str | Path) -> Given:
+    """``r``, ``lora_alpha`` and ``lora_dropout`` of the ``adapter_config.json`` mindformers
+    writes into a LoRA run's output folder (``docs/lora.md#1``). Its ``target_modules`` (the
+    yaml's regex split on ``|``) means nothing to PEFT and is not read. A file that says the run
+    was not plain LoRA is refused: mindformers' layers compute plain LoRA only."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
+    except ValueError as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise FormatError(f"{path}: expected a JSON object (a LoRA adapter config)")
+    peft_type = doc.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise FormatError(f"{path}: peft_type is {peft_type!r}; only LORA runs are converted")
+    for switch in ("use_rslora", "use_dora"):
+        if doc.get(switch):
+            raise FormatError(
+                f"{path}: {switch} is true, but mindformers' LoRA layers compute plain LoRA "
+                "(scale alpha / r, no DoRA); is this the run's own file?"
+            )
+    return {
+        key: ConfigValue(doc[key], f"{path.name}: {key}")
+        for key in RUN_ADAPTER_KEYS
+        if doc.get(key) is not None
+    }

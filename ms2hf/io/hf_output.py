@@ -17,6 +17,8 @@ from ms2hf.errors import OutputError
 from ms2hf.io.safetensors_writer import temporary_name
 
 HF_INDEX = "model.safetensors.index.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+"""A PEFT adapter's one weight file (its config: ``io.config_files.RUN_ADAPTER_CONFIG``)."""
 HF_METADATA = {"format": "pt"}
 """Every Hugging Face shard's ``__metadata__``, as transformers' own files carry
 (``docs/hf-output.md#shards``)."""
@@ -39,9 +41,11 @@ def _atomic(path: Path) -> Iterator[BinaryIO]:
         temporary.unlink(missing_ok=True)
 
 
-def write_json(path: Path, doc: Any) -> None:
+def write_json(path: Path, doc: Any, newline: bool = True) -> None:
+    """Indented by 2, as transformers writes; PEFT writes its adapter config without the final
+    newline (``newline=False``)."""
     with _atomic(path) as f:
-        f.write(json.dumps(doc, indent=2).encode("utf-8") + b"\n")
+        f.write(json.dumps(doc, indent=2).encode("utf-8") + (b"\n" if newline else b""))
 
 
 def copy_file(source: Path, path: Path) -> None:

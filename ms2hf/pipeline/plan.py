@@ -8,13 +8,22 @@ exactly what ``convert`` would write, and the engine (``ms2hf.pipeline.engine``)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ms2hf.io.config_files import Given
+from ms2hf.errors import ModelError
+from ms2hf.io.config_files import ConfigValue, Given
 from ms2hf.io.safetensors_writer import TensorEntry
 from ms2hf.io.sources.plan import SourcePlan
+from ms2hf.pipeline.lora import (
+    ADAPTER_FILE,
+    LoraPlan,
+    LoraRequest,
+    dropout,
+    resolve_alpha,
+)
 from ms2hf.pipeline.shards import assign_shards
+from ms2hf.transforms import lora
 from ms2hf.transforms.casts import TARGETS, output_dtype
 from ms2hf.transforms.pieces import OutputTensor
 from ms2hf.transforms.registry import HfModel, hf_model
@@ -46,6 +55,13 @@ class HfPlan:
 
     model: HfModel
     files: tuple[PlannedFile, ...]
+    lora: LoraPlan | None = None
+    """What is made of the checkpoint's LoRA, when it has one."""
+
+    @property
+    def adapter(self) -> bool:
+        """A PEFT adapter folder rather than a model folder."""
+        return self.lora is not None and self.lora.mode == "adapter"
 
     @property
     def nbytes(self) -> int:
@@ -61,6 +77,12 @@ class HfPlan:
         return {t.tensor.name: f.name for f in self.files for t in f.tensors}
 
 
+def _planned(
+    outputs: Sequence[OutputTensor], source: SourcePlan, dtype: str
+) -> list[PlannedTensor]:
+    return [PlannedTensor(t, output_dtype(source.params[t.source].dtype, dtype)) for t in outputs]
+
+
 def plan_files(
     outputs: Sequence[OutputTensor],
     source: SourcePlan,
@@ -69,9 +91,7 @@ def plan_files(
     shard_layout: str,
 ) -> tuple[PlannedFile, ...]:
     """Output dtypes by ``--dtype``, then tensors packed into files."""
-    planned = [
-        PlannedTensor(t, output_dtype(source.params[t.source].dtype, dtype)) for t in outputs
-    ]
+    planned = _planned(outputs, source, dtype)
     names = [p.tensor.name for p in planned]
     sizes = [p.entry.nbytes for p in planned]
     shards = assign_shards(planned, names, sizes, max_shard_size, shard_layout)
@@ -88,6 +108,36 @@ def config_dtype(source: SourcePlan, dtype: str) -> str:
     return tag
 
 
+def plan_lora(model: HfModel, request: LoraRequest) -> LoraPlan | None:
+    """What to make of the checkpoint's LoRA: the mode asked for (merged by default), and alpha
+    where the mode needs it (``ms2hf.pipeline.lora``)."""
+    weights = model.lora
+    if weights is None:
+        if request.mode == "adapter":
+            raise ModelError(
+                "--lora adapter: the checkpoint has no LoRA weights (no <module>.lora_A.weight "
+                "parameters), so there is no adapter to write"
+            )
+        return None
+    mode = request.mode or "merged"
+    rank_source = f"{weights.modules[0].a} rows"
+    try:
+        alpha: ConfigValue | None = resolve_alpha(request.given, weights.rank, rank_source)
+    except ModelError:
+        if mode != "base":
+            raise
+        alpha = None  # the base model needs no scale: reported when known, never required
+    return LoraPlan(
+        mode=mode,
+        rank=weights.rank,
+        modules=len(weights.modules),
+        targets=lora.target_modules(model.outputs, weights),
+        alpha=alpha,
+        dropout=dropout(request.given),
+        base_model=request.base_model,
+    )
+
+
 def plan_hf_checkpoint(
     source: SourcePlan,
     given: Given,
@@ -95,8 +145,27 @@ def plan_hf_checkpoint(
     max_shard_size: int,
     shard_layout: str = "size",
     routing_scale: str | None = None,
+    lora_request: LoraRequest | None = None,
 ) -> HfPlan:
-    """The model, its config and the files a run would write, from shapes alone."""
+    """The model, its config and the files a run would write, from shapes alone: on a LoRA
+    fine-tune, the merged model, a PEFT adapter or the base model, as ``lora_request`` asks."""
     shapes = {name: p.shape for name, p in source.params.items()}
     model = hf_model(shapes, given, config_dtype(source, dtype), routing_scale)
-    return HfPlan(model, plan_files(model.outputs, source, dtype, max_shard_size, shard_layout))
+    plan = plan_lora(model, lora_request or LoraRequest())
+    outputs = lora_outputs(model, plan, shapes)
+    if plan is not None and plan.mode == "adapter":
+        files = (PlannedFile(ADAPTER_FILE, tuple(_planned(outputs, source, dtype))),)
+        return HfPlan(model, files, plan)
+    return HfPlan(model, plan_files(outputs, source, dtype, max_shard_size, shard_layout), plan)
+
+
+def lora_outputs(
+    model: HfModel, plan: LoraPlan | None, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[OutputTensor, ...]:
+    """The tensors a run writes: the model's, merged with its LoRA or a PEFT adapter's, as
+    ``plan`` says."""
+    if plan is None or model.lora is None or plan.mode == "base":
+        return model.outputs
+    if plan.mode == "adapter":
+        return lora.adapter(model.outputs, model.lora, shapes)
+    return lora.merged(model.outputs, model.lora, plan.scale)

@@ -262,18 +262,31 @@ class Planned:
     """Parameters deliberately left out, with the reason."""
 
 
+ROW_SELECTIONS = (Rename, QkvSplit, GateUpSplit)
+"""Rows whose tensors are whole-column row selections of their parameter: a LoRA on the
+parameter follows them row for row (``ms2hf.transforms.lora``)."""
+
+
 @dataclass(frozen=True)
 class Table:
-    """A family's rows, the groups every layer must have, and the MLP groups a layer has one of."""
+    """A family's rows, the groups every layer must have, the MLP groups a layer has one of, and
+    the parameters a LoRA fine-tune may wrap (the linear layers mindformers' LoRA rewrites)."""
 
     rows: tuple[Row, ...]
     layer_groups: tuple[str, ...]
     mlp_groups: tuple[str, ...]
+    lora: tuple[str, ...] = ()
+    """Sources (``*`` for the layer) whose ``<module>.lora_A/B.weight`` are converted; each must
+    be a row selection (``ROW_SELECTIONS``), so its LoRA ``B`` is cut by the same rows."""
 
     def __post_init__(self) -> None:
         sources = [r.source for r in self.rows]
         if len(set(sources)) != len(sources):
             raise ValueError("a table names one MindSpore parameter in two rows")
+        rows = {r.source: r for r in self.rows}
+        for source in self.lora:
+            if not isinstance(rows.get(source), ROW_SELECTIONS):
+                raise ValueError(f"LoRA target {source!r} is not a row-selection row of the table")
 
     def row(self, name: str) -> tuple[Row, str] | None:
         """The row of a parameter and its layer number, or None when the table lacks it."""

@@ -34,8 +34,20 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class LoraDelta:
+    """``scale * (B @ A)``, added to an output tensor in float64 before it is rounded
+    (``docs/lora.md#3-the-merged-model``): ``b`` is the tensor's own rows of a ``lora_B``
+    parameter (``[rows, r]``), ``a`` the whole ``lora_A`` parameter (``[r, columns]``)."""
+
+    b: OutputTensor
+    a: str
+    scale: float
+
+
+@dataclass(frozen=True)
 class OutputTensor:
-    """One Hugging Face tensor: its name, shape, and where its rows come from."""
+    """One Hugging Face tensor: its name, shape, and where its rows come from; with ``delta``,
+    a fine-tuned weight: those rows plus a LoRA change."""
 
     name: str
     source: str
@@ -44,6 +56,14 @@ class OutputTensor:
     scale: float = 1.0
     """Every element multiplied by this, in fp32 before the output cast (a routing scale
     folded into an expert's ``down_proj``: ``docs/qwen3-moe.md#routing``)."""
+    delta: LoraDelta | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every parameter its bytes are made of."""
+        if self.delta is None:
+            return (self.source,)
+        return (self.source, self.delta.b.source, self.delta.a)
 
     @property
     def rows(self) -> int:

@@ -68,10 +68,14 @@ TAIL_ROWS: tuple[Row, ...] = (
     Rename(FINAL_NORM, "model.norm.weight"),
     TiedHead("lm_head.weight", EMBEDDING, OUTPUT_LAYER),
 )
+LORA_TARGETS = (QKV, O_PROJ, FC1, FC2)
+"""The linear layers mindformers' LoRA wraps (``docs/lora.md``): attention's and the dense MLP's;
+Qwen3-MoE's dense layers too, never its router or experts."""
 TABLE = Table(
     HEAD_ROWS + ATTENTION_ROWS + DENSE_MLP_ROWS + NORM_ROWS + TAIL_ROWS,
     layer_groups=(ATTENTION, NORMS),
     mlp_groups=(DENSE_MLP,),
+    lora=LORA_TARGETS,
 )
 
 DEFAULTS: dict[str, Any] = {

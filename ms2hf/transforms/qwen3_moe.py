@@ -61,6 +61,7 @@ TABLE = Table(
     + qwen3.TAIL_ROWS,
     layer_groups=(qwen3.ATTENTION, qwen3.NORMS),
     mlp_groups=(qwen3.DENSE_MLP, EXPERTS),
+    lora=qwen3.LORA_TARGETS,
 )
 
 DEFAULTS: dict[str, Any] = {

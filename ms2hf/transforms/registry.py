@@ -16,6 +16,7 @@ from ms2hf.io.config_files import ConfigValue, Given
 from ms2hf.transforms import qwen3, qwen3_moe
 from ms2hf.transforms.family import ModelFamily, Routing
 from ms2hf.transforms.hf_config import GIVEN_ONLY, build_config, value_problems
+from ms2hf.transforms.lora import LoraWeights, split_lora
 from ms2hf.transforms.mappings import Context, Planned, TiedHead, WeightLayout, layer_keys
 from ms2hf.transforms.pieces import OutputTensor
 
@@ -75,10 +76,13 @@ class HfModel:
     family: ModelFamily
     dims: Any
     outputs: tuple[OutputTensor, ...]
+    """The base model's tensors (a LoRA is applied to them by ``ms2hf.transforms.lora``)."""
     skipped: Mapping[str, str]
     config: dict[str, ConfigValue]
     notes: tuple[str, ...] = ()
     """What the run should say about how the given settings were applied (a folded scale)."""
+    lora: LoraWeights | None = None
+    """The checkpoint's LoRA weights, checked; None for a checkpoint without LoRA."""
 
     @property
     def model_type(self) -> str:
@@ -162,8 +166,10 @@ def hf_model(
     (another family's file, files that disagree, sizes the weights contradict, routing Hugging
     Face cannot state, values no loader accepts) is reported at once. Without
     ``config_checks`` only what shapes the tensors is checked (``verify`` recomputing bytes from
-    a yaml whose config.json values it does not write)."""
+    a yaml whose config.json values it does not write). LoRA weights are split off and checked
+    (``ms2hf.transforms.lora``)."""
     family = detect(shapes)
+    shapes, lora = split_lora(shapes, family.table)
     dims = family.infer_dims(shapes)
     problems = family_problems(family, given)
     if config_checks:
@@ -178,7 +184,7 @@ def hf_model(
     if problems:
         raise ModelError("; ".join(problems))
     planned = plan_outputs(family, shapes, dims, weight_layout(given), routing.expert_scale)
-    return HfModel(family, dims, planned.outputs, planned.skipped, config, routing.notes)
+    return HfModel(family, dims, planned.outputs, planned.skipped, config, routing.notes, lora)
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,18 @@ Each source block is a memory-mapped slice of a rank file; each output piece is 
 source rows (or a transposed window). For a band of output rows we intersect the piece with every
 block and copy each intersection once, casting on the way, into the caller's buffer. No source
 tensor is ever assembled whole and no concatenation is made, so memory is the band, nothing more.
+
+A fine-tuned weight (an output tensor with a LoRA delta) is made the same way, in float64: its
+base rows, its rows of ``lora_B`` and the columns of ``lora_A`` are filled from their blocks,
+merged (``ms2hf.transforms.lora_merge``), rounded once to float32 and then cast. The float64 work
+arrays are carved out of the same buffer, a band of fewer rows (and, for a very wide ``lora_A``,
+of a window of columns at a time), so memory is still the one buffer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -16,7 +23,17 @@ from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.sources.plan import Block, SourceParam
 from ms2hf.transforms.casts import cast_into, cast_transposed_into
-from ms2hf.transforms.pieces import OutputTensor, Piece
+from ms2hf.transforms.lora_merge import (
+    F32,
+    F64,
+    Prepared,
+    Work,
+    merge_rows,
+    prepare,
+    prepared_bytes,
+    work_bytes,
+)
+from ms2hf.transforms.pieces import LoraDelta, OutputTensor, Piece
 
 
 def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -126,8 +143,12 @@ def _slack(tensor: OutputTensor) -> int:
 
 
 def fit_row(buffer: np.ndarray, tensor: OutputTensor, dtype: np.dtype) -> np.ndarray:
-    """``buffer``, or a larger one when a single row of ``tensor`` does not fit in it."""
-    need = _row_cost(tensor, dtype) + _slack(tensor)
+    """``buffer``, or a larger one when a single row of ``tensor`` (with a LoRA delta: a row and
+    its merge's work arrays) does not fit in it."""
+    if tensor.delta is not None:
+        need = _MergeLayout.of(tensor, dtype, len(buffer)).bytes(1, 1)
+    else:
+        need = _row_cost(tensor, dtype) + _slack(tensor)
     return buffer if need <= len(buffer) else np.empty(need, np.uint8)
 
 
@@ -135,14 +156,19 @@ def assembled_bands(
     tensor: OutputTensor,
     dtype: np.dtype,
     buffer: np.ndarray,
-    param: SourceParam,
+    params: Mapping[str, SourceParam],
     files: MappedFiles,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """``tensor`` in bands of whole rows, each assembled into ``buffer`` (``fit_row``) in turn:
     ``(byte offset in the tensor, the band as rows x columns of dtype, its bytes)``. A band is
     valid until the next one is made. What convert writes and what verify recomputes are made
     by this one loop, so they cannot drift apart. A scaled tensor's band is assembled in fp32
-    in the rest of the buffer, multiplied there, and cast once into the output band."""
+    in the rest of the buffer, multiplied there, and cast once into the output band; a
+    fine-tuned weight's is merged (``_merged_bands``)."""
+    if tensor.delta is not None:
+        yield from _merged_bands(tensor, tensor.delta, dtype, buffer, params, files)
+        return
+    param = params[tensor.source]
     row_bytes = tensor.row_elements * dtype.itemsize
     cost = _row_cost(tensor, dtype)
     for r0, r1 in row_bands(tensor.rows, cost, len(buffer) - _slack(tensor)):
@@ -158,4 +184,134 @@ def assembled_bands(
             with np.errstate(over="ignore"):  # overflow is reported by the finiteness check
                 np.multiply(wide, SCALE_DTYPE.type(tensor.scale), out=wide)
             cast_into(band, wide)
+        yield r0 * row_bytes, band, raw
+
+
+_CARVE_ALIGN = 64
+
+
+class _Carve:
+    """Arrays carved one after another out of a byte buffer, each aligned for SIMD loads."""
+
+    def __init__(self, buffer: np.ndarray, start: int) -> None:
+        self.buffer = buffer
+        self.used = start
+
+    def __call__(self, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        start = -(-self.used // _CARVE_ALIGN) * _CARVE_ALIGN
+        count = 1
+        for d in shape:
+            count *= d
+        stop = start + count * np.dtype(dtype).itemsize
+        if stop > len(self.buffer):
+            raise AssertionError(f"band buffer of {len(self.buffer)} bytes overrun ({stop})")
+        self.used = stop
+        return self.buffer[start:stop].view(dtype).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _MergeLayout:
+    """How a fine-tuned tensor is cut: bands of output rows in half the buffer (few, large
+    writes, as for any tensor), each merged a chunk of rows and a window of columns at a time
+    in the other half, where the float64 operands and the merge's work stay in cache."""
+
+    cols: int
+    rank: int
+    itemsize: int
+    width: int
+
+    @classmethod
+    def of(cls, tensor: OutputTensor, dtype: np.dtype, budget: int) -> _MergeLayout:
+        assert tensor.delta is not None
+        cols, rank = tensor.row_elements, tensor.delta.b.shape[1]
+        width = cols
+        while width > 1 and cls(cols, rank, dtype.itemsize, width).bytes(1, 1) > budget:
+            width = -(-width // 2)  # a wide lora_A: a window of columns at a time
+        return cls(cols, rank, dtype.itemsize, width)
+
+    def band_bytes(self, rows: int) -> int:
+        """An output band, aligned: the merge's arrays begin after it."""
+        return -(-rows * self.cols * self.itemsize // _CARVE_ALIGN) * _CARVE_ALIGN
+
+    def chunk_bytes(self, rows: int) -> int:
+        """``A``'s window prepared (``lora_merge.prepare``) with ``A`` itself, then for a chunk
+        of rows ``B``, ``W`` and the float32 result, and the merge's work; with alignment slack
+        for each array."""
+        w, r = self.width, self.rank
+        prepared = r * w * 8 + prepared_bytes(w, r)
+        operands = rows * r * 8 + rows * w * 8 + rows * w * 4
+        return prepared + operands + work_bytes(rows, w, r) + 16 * _CARVE_ALIGN
+
+    def bytes(self, band_rows: int, chunk_rows: int) -> int:
+        return self.band_bytes(band_rows) + self.chunk_bytes(chunk_rows)
+
+    def rows(self, budget: int) -> tuple[int, int]:
+        """Rows per output band (about half the buffer), and per merged chunk (the rest)."""
+        band = max(1, budget // 2 // (self.cols * self.itemsize))
+        while band > 1 and self.bytes(band, 1) > budget:
+            band //= 2  # a small buffer: room for the merge first
+        room = budget - self.band_bytes(band) - self.chunk_bytes(0)
+        chunk = max(1, room // (self.chunk_bytes(1) - self.chunk_bytes(0)))
+        return band, min(band, chunk)
+
+
+def _columns(tensor: OutputTensor, c0: int, c1: int) -> OutputTensor:
+    """Columns ``[c0, c1)`` of a tensor made of whole-column row pieces."""
+    pieces = tuple(
+        dataclasses.replace(p, col_start=p.col_start + c0, col_stop=p.col_start + c1)
+        for p in tensor.pieces
+    )
+    return OutputTensor(tensor.name, tensor.source, (tensor.rows, c1 - c0), pieces)
+
+
+def _merged_bands(
+    tensor: OutputTensor,
+    delta: LoraDelta,
+    dtype: np.dtype,
+    buffer: np.ndarray,
+    params: Mapping[str, SourceParam],
+    files: MappedFiles,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Bands of a fine-tuned weight (``docs/lora.md#3-the-merged-model``): per chunk of rows and
+    window of columns, ``W`` and ``B`` rows and ``A`` columns filled in float64 (exact for every
+    stored dtype), merged into float32, then cast into the band as any float32 tensor is. The
+    work arrays are carved once for the tensor; ``A`` is prepared once too when it fits in one
+    window."""
+    layout = _MergeLayout.of(tensor, dtype, len(buffer))
+    cols, rank, width = layout.cols, layout.rank, layout.width
+    row_bytes = cols * dtype.itemsize
+    per_band, per_chunk = layout.rows(len(buffer))
+    a_tensor = OutputTensor(delta.a, delta.a, (rank, cols), (Piece(0, rank, 1, 0, cols),))
+    direct = dtype == F32  # the merge rounds to float32: straight into the band
+    carve = _Carve(buffer, layout.band_bytes(per_band))
+    a_cols, b = carve((rank, width), F64), carve((per_chunk, rank), F64)
+    w_rows, merged_rows = carve((per_chunk, width), F64), carve((per_chunk, width), F32)
+    work = Work.allocate(per_chunk, width, rank, carve)
+
+    def prepared(c0: int, c1: int) -> Prepared:
+        """``A``'s columns ``[c0, c1)`` ready to merge, in the space ``carve`` has left."""
+        a = a_cols[:, : c1 - c0]
+        fill_rows(a, _columns(a_tensor, c0, c1), 0, params[delta.a], files)
+        return prepare(a, delta.scale, _Carve(buffer, carve.used))
+
+    whole = prepared(0, cols) if width == cols else None
+    windows = [
+        (c0, min(cols, c0 + width), _columns(tensor, c0, min(cols, c0 + width)))
+        for c0 in range(0, cols, width)
+    ]
+    for r0 in range(0, tensor.rows, per_band):
+        raw = buffer[: min(per_band, tensor.rows - r0) * row_bytes]
+        band = raw.view(dtype).reshape(-1, cols)
+        for s0 in range(0, len(band), per_chunk):
+            rows = min(per_chunk, len(band) - s0)
+            fill_rows(b[:rows], delta.b, r0 + s0, params[delta.b.source], files)
+            for c0, c1, columns in windows:
+                a = whole or prepared(c0, c1)
+                w = w_rows[:rows, : c1 - c0]
+                fill_rows(w, columns, r0 + s0, params[tensor.source], files)
+                target = band[s0 : s0 + rows, c0:c1]
+                merged = target if direct else merged_rows[:rows, : c1 - c0]
+                merge_rows(merged, w, b[:rows], a, work)
+                if not direct:
+                    cast_into(target, merged)
         yield r0 * row_bytes, band, raw

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,7 +33,7 @@ from ms2hf.io.sources.plan import Block, SourceParam, SourcePlan
 from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.engine.budget import MAX_BAND_BYTES
 from ms2hf.pipeline.plan import PlannedTensor
-from ms2hf.transforms.pieces import OutputTensor
+from ms2hf.transforms.pieces import OutputTensor, copy
 
 log = logging.getLogger("ms2hf")
 
@@ -69,14 +69,24 @@ def has_nonfinite(values: np.ndarray, dtype: str) -> bool:
     return False
 
 
-def source_has_nonfinite(tensor: OutputTensor, param: SourceParam, files: MappedFiles) -> bool:
-    """Whether the source rows of ``tensor`` already hold NaN or inf, before any cast or scale:
-    read only when a written band was found non-finite, to say which it was."""
-    plain = dataclasses.replace(tensor, scale=1.0)
-    dtype = to_numpy(param.dtype)
-    buffer = fit_row(np.empty(MAX_BAND_BYTES, np.uint8), plain, dtype)
-    bands = assembled_bands(plain, dtype, buffer, param, files)
-    return any(has_nonfinite(band, param.dtype) for _, band, _ in bands)
+def source_has_nonfinite(
+    tensor: OutputTensor, params: Mapping[str, SourceParam], files: MappedFiles
+) -> bool:
+    """Whether the source rows of ``tensor`` (and of a fine-tuned weight's LoRA) already hold
+    NaN or inf, before any cast, scale or merge: read only when a written band was found
+    non-finite, to say which it was."""
+    parts = [dataclasses.replace(tensor, scale=1.0, delta=None)]
+    if tensor.delta is not None:
+        a = params[tensor.delta.a]
+        parts += [tensor.delta.b, copy(a.name, a.name, a.shape)]
+    for part in parts:
+        param = params[part.source]
+        dtype = to_numpy(param.dtype)
+        buffer = fit_row(np.empty(MAX_BAND_BYTES, np.uint8), part, dtype)
+        bands = assembled_bands(part, dtype, buffer, params, files)
+        if any(has_nonfinite(band, param.dtype) for _, band, _ in bands):
+            return True
+    return False
 
 
 F16_MAX = 65504.0

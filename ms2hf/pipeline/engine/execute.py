@@ -129,9 +129,8 @@ class _Run:
         tensor = planned.tensor
         dtype = to_numpy(planned.dtype)
         buffer = fit_row(buffer, tensor, dtype)
-        param = self.params[tensor.source]
-        in_source = partial(source_has_nonfinite, tensor, param, self.mapped)
-        for offset, band, raw in assembled_bands(tensor, dtype, buffer, param, self.mapped):
+        in_source = partial(source_has_nonfinite, tensor, self.params, self.mapped)
+        for offset, band, raw in assembled_bands(tensor, dtype, buffer, self.params, self.mapped):
             if self.check is not None:
                 self.check(planned, band, in_source)
             writer.write(tensor.name, offset, raw)
@@ -154,7 +153,7 @@ def _fingerprint(
     and the identity (size, modification time) of every source file. A recipe is described by its
     ``repr`` (frozen dataclasses of ints, strings and tuples: exact, and ten times cheaper than
     ``dataclasses.astuple`` on a plan of 37,000 tensors)."""
-    used = sorted({t.tensor.source for f in files for t in f.tensors})
+    used = sorted({name for f in files for t in f.tensors for name in t.tensor.sources})
     where: dict[Path, str] = {}
     stats: dict[str, list[int]] = {}
     for path in {b.path for name in used for b in params[name].blocks}:

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from ms2hf.errors import Ms2hfError, OutputError
-from ms2hf.io.hf_output import HF_INDEX, write_json
+from ms2hf.io.config_files import RUN_ADAPTER_CONFIG
+from ms2hf.io.hf_output import ADAPTER_WEIGHTS, HF_INDEX, write_json
 from ms2hf.io.safetensors_writer import PARTIAL_SUFFIX
 from ms2hf.io.shard_digest import file_digest
 from ms2hf.io.tokenizer_files import same_file
@@ -67,6 +68,10 @@ class FolderKind:
     """A finished run's digests go into the index and its record is removed (a folder to
     publish); otherwise the record stays, marked complete, and the index is written as is (a
     unified folder keeps MindSpore's own form)."""
+    foreign_index: bool = False
+    """The index is another tool's document, written exactly as that tool writes it (a PEFT
+    adapter's config: no ms2hf metadata, no final newline); a finished run still removes its
+    record, so a folder to publish holds that tool's files alone."""
 
 
 _HF_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
@@ -96,6 +101,14 @@ UNIFIED_FOLDER = FolderKind(
 )
 """A unified folder (``merge``): not published, and in MindSpore's own form, so the record
 stays beside it, marked complete."""
+ADAPTER_FOLDER = FolderKind(
+    RUN_ADAPTER_CONFIG,
+    lambda name: name in (RUN_ADAPTER_CONFIG, ADAPTER_WEIGHTS),
+    lambda name: name != ADAPTER_WEIGHTS and bool(_HF_WEIGHTS.search(name)),
+    foreign_index=True,
+)
+"""A PEFT adapter folder (``convert --lora adapter``): ``adapter_model.safetensors`` and, last,
+``adapter_config.json`` as PEFT writes it; any other weight file is another weight set."""
 
 
 class OutputRun:
@@ -144,6 +157,10 @@ class OutputRun:
             write_json(self.folder / kind.index, document)
             self.complete = True
             self.save()
+            return
+        if kind.foreign_index:
+            write_json(self.folder / kind.index, document, newline=False)
+            _unlink(self.folder / RUN_RECORD)
             return
         metadata = {**document.get("metadata", {}), FINISHED_KEY: {"digests": self.digests()}}
         write_json(self.folder / kind.index, {**document, "metadata": metadata})
