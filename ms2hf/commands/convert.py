@@ -163,11 +163,10 @@ def run_folder(
     training_output: str | os.PathLike[str] | None,
     checkpoint_dir: str | os.PathLike[str] | None,
 ) -> Path | None:
-    """The training run's output folder, where mindformers writes a LoRA run's
-    ``adapter_config.json``: the folder given, else the one holding ``checkpoint/``."""
-    if training_output is not None:
-        return Path(training_output)
-    return Path(checkpoint_dir).parent if checkpoint_dir is not None else None
+    """Where to look for a LoRA run's ``adapter_config.json`` (``run_adapter_config``): the
+    folder given, else the checkpoint folder."""
+    where = training_output if training_output is not None else checkpoint_dir
+    return Path(where) if where is not None else None
 
 
 def lora_request(options: ConvertOptions, run_dir: Path | None) -> LoraRequest:

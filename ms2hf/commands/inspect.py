@@ -8,6 +8,7 @@ reads no tensor byte and its answer is exactly what a run would do.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ms2hf.commands.convert import ConvertOptions, gather_given, plan_for
+from ms2hf.commands.convert import ConvertOptions, gather_given, lora_request, plan_for
 from ms2hf.errors import FormatError, ModelError
 from ms2hf.io.config_files import ConfigValue
 from ms2hf.io.dtypes import nbytes
@@ -29,7 +30,9 @@ from ms2hf.io.sources.plan import LEGACY, Block, SourceParam, SourcePlan
 from ms2hf.io.sources.unified import plan_unified
 from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.io.unified_format import PARAM_NAME_MAP
+from ms2hf.pipeline.lora import RUN_ADAPTER_CONFIG, LoraPlan
 from ms2hf.pipeline.run import jsonable
+from ms2hf.transforms.lora import LORA_KEY
 from ms2hf.transforms.mappings import GroupedExperts
 from ms2hf.transforms.registry import HfModel
 
@@ -163,6 +166,12 @@ class InspectReport:
     """Steps some rank folders lack (newest first), with the ranks lacking them."""
     counters: dict[str, Any] = field(default_factory=dict)
     """Run counters kept beside the tensors (Checkpoint 2.0's ``common.json``)."""
+    lora: LoraPlan | None = None
+    """A LoRA fine-tune's rank, targets, alpha (with where it came from) and what convert would
+    make of it."""
+    output_error: str | None = None
+    """Why convert would stop before writing (alpha unknown, ``--lora adapter`` without LoRA...),
+    when the model itself is fine."""
 
     def to_dict(self) -> dict[str, Any]:
         doc: dict[str, Any] = jsonable(self)
@@ -196,10 +205,11 @@ def inspect(path: str | os.PathLike[str], options: ConvertOptions | None = None)
     kind = detect_kind(path)
     if kind == HUGGING_FACE:
         return inspect_hf(path)
+    run_dir = path if path.is_dir() else path.parent
     if kind != TRAINING:
-        return inspect_source(path, kind, plan_unified(path), options)
+        return inspect_source(path, kind, plan_unified(path), options, run_dir)
     source = plan_training_output(path, options.step)
-    report = inspect_source(path, kind, source, options)
+    report = inspect_source(path, kind, source, options, run_dir)
     if source.source_format == LEGACY and source.root is not None:
         report = replace(report, incomplete_steps=incomplete_steps(find_rank_dirs(source.root)))
     return report
@@ -295,13 +305,19 @@ def _file_reports(root: Path, source: SourcePlan) -> tuple[FileReport, ...]:
 
 
 def inspect_source(
-    path: Path, kind: str, source: SourcePlan, options: ConvertOptions
+    path: Path,
+    kind: str,
+    source: SourcePlan,
+    options: ConvertOptions,
+    run_dir: Path | None = None,
 ) -> InspectReport:
-    """The report for anything described by a source plan: a training output or unified folder."""
+    """The report for anything described by a source plan: a training output or unified folder
+    (``run_dir``: where a LoRA run's ``adapter_config.json`` would be)."""
     training = kind == TRAINING
     stage_of = {f.rank: f.stage for f in source.files}
     ranks_per_stage = source.ranks // source.num_stages if training else 1
-    hf, model, output, order = _model_and_output(source, options)
+    planned = _model_and_output(source, options, run_dir)
+    hf, model, output, order = planned.hf, planned.model, planned.output, planned.order
     experts = model.config.get("num_experts")
     num_experts = experts.value if experts else None
     grouped = _grouped_experts(hf)
@@ -337,6 +353,8 @@ def inspect_source(
         model=model,
         output=output,
         counters=dict(source.counters),
+        lora=planned.lora,
+        output_error=planned.output_error,
     )
 
 
@@ -352,16 +370,33 @@ def _natural(name: str) -> tuple[Any, ...]:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
+@dataclass(frozen=True)
+class _Planned:
+    hf: HfModel | None
+    model: ModelReport
+    output: OutputReport | None
+    order: Callable[[str], Any]
+    lora: LoraPlan | None = None
+    output_error: str | None = None
+
+
 def _model_and_output(
-    source: SourcePlan, options: ConvertOptions
-) -> tuple[HfModel | None, ModelReport, OutputReport | None, Callable[[str], Any]]:
+    source: SourcePlan, options: ConvertOptions, run_dir: Path | None
+) -> _Planned:
     """The model the parameters form, the files a run would write, and the order to list the
     parameters in (the model's); a checkpoint that is no supported model is still described,
-    with the reason."""
+    with the reason, and so is a model convert would not write as asked (its base model)."""
+    given = gather_given(options)
+    request = lora_request(options, run_dir)
+    stopped = None
     try:
-        plan = plan_for(source, options, gather_given(options))
+        plan = plan_for(source, options, given, request)
     except ModelError as e:
-        return None, ModelReport(None, {}, error=str(e)), None, _natural
+        try:
+            plan = plan_for(source, options, given, dataclasses.replace(request, mode="base"))
+        except ModelError:
+            return _Planned(None, ModelReport(None, {}, error=str(e)), None, _natural)
+        stopped = str(e)
     model = plan.model
     first_use: dict[str, int] = {}
     for i, t in enumerate(model.outputs):
@@ -373,9 +408,32 @@ def _model_and_output(
         tensors=len(plan.weight_map),
         bytes=plan.nbytes,
         parameters=plan.parameters,
-        also=(*_tokenizer_names(options), HF_CONFIG, HF_INDEX),
+        also=(
+            *_tokenizer_names(options),
+            *((RUN_ADAPTER_CONFIG,) if plan.adapter else (HF_CONFIG, HF_INDEX)),
+        ),
     )
-    return model, report, output, lambda name: (first_use.get(name, len(first_use)), _natural(name))
+    lora = plan.lora
+    if stopped is not None and lora is not None:
+        lora = dataclasses.replace(lora, mode=request.mode or "merged")
+    return _Planned(
+        model,
+        report,
+        None if stopped else output,
+        lambda name: (
+            first_use.get(_listed_with(name), len(first_use)),
+            name != _listed_with(name),
+            _natural(name),
+        ),
+        lora,
+        stopped,
+    )
+
+
+def _listed_with(name: str) -> str:
+    """A LoRA parameter is listed after its base weight."""
+    m = LORA_KEY.match(name)
+    return m.group("module") + ".weight" if m else name
 
 
 def _tokenizer_names(options: ConvertOptions) -> list[str]:

@@ -158,8 +158,17 @@ def model_lines(report: InspectReport) -> list[str]:
     return lines
 
 
+def lora_lines(report: InspectReport) -> list[str]:
+    """A LoRA fine-tune: rank, targets, alpha and where it came from, what convert makes."""
+    if report.lora is None:
+        return []
+    return _wrapped(report.lora.describe("convert writes"))
+
+
 def output_lines(report: InspectReport) -> list[str]:
     out = report.output
+    if report.output_error is not None:
+        return _wrapped(f"convert would stop: {report.output_error}")
     if out is None:
         return []
     lines = _wrapped(
@@ -197,7 +206,7 @@ def slice_lines(report: InspectReport, patterns: Sequence[str]) -> list[str]:
 
 def inspect_text(report: InspectReport, params: Sequence[str] = ()) -> str:
     """The report; with ``params`` (shell wildcards), also the blocks of those parameters."""
-    sections = [summary_lines, file_lines, param_lines, model_lines, output_lines]
+    sections = [summary_lines, file_lines, param_lines, model_lines, lora_lines, output_lines]
     lines = [line for section in sections for line in section(report)]
     if params:
         lines += slice_lines(report, params)

@@ -4,7 +4,10 @@ Each model parameter is written whole, in its training dtype, into ``part{i}.saf
 training scalars go to ``hyper_param.safetensors``; optimizer states are never read. A merged
 parameter is an identity ``OutputTensor`` over the same source plan ``convert`` uses, so the
 same executor streams it under the same memory budget, and de-duplicated saves are placed by the
-same rule (where the old merge fills o_proj and down_proj from the wrong rank).
+same rule (where the old merge fills o_proj and down_proj from the wrong rank). A LoRA
+fine-tune's ``lora_A``/``lora_B`` are parameters like any other (placed right on de-duplicated
+saves too, where MindSpore's merge also gets the row-parallel ``lora_A`` wrong), and the run's
+``adapter_config.json``, the one record of its alpha, is copied beside the parts for ``reverse``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from ms2hf.errors import ModelError
 from ms2hf.io.config_files import read_train_config
-from ms2hf.io.hf_output import index_document
+from ms2hf.io.hf_output import copy_file, index_document
 from ms2hf.io.sources import found, plan_training_output
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.io.unified_format import (
@@ -30,10 +34,13 @@ from ms2hf.io.unified_format import (
     unified_dir,
 )
 from ms2hf.pipeline.engine.budget import format_size
+from ms2hf.pipeline.engine.execute import SmallFile
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, UNIFIED_FOLDER
+from ms2hf.pipeline.lora import RUN_ADAPTER_CONFIG, run_adapter_config
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
 from ms2hf.pipeline.run import RunOptions, as_path, check_positive, run_plan
 from ms2hf.transforms import pieces
+from ms2hf.transforms.lora import is_lora_name
 from ms2hf.transforms.registry import hf_model
 
 log = logging.getLogger("ms2hf")
@@ -202,20 +209,26 @@ def merge(
         )
     params_read = {**params, **source.scalars}
     inputs = [options.config] if options.config else []
+    then: list[SmallFile] = []
+    run_config = run_adapter_config(Path(checkpoint_dir))
+    if run_config is not None and any(is_lora_name(name) for name in params):
+        # A LoRA fine-tune's alpha is in this file only: reverse finds it beside the parts.
+        then.append(SmallFile(RUN_ADAPTER_CONFIG, partial(copy_file, run_config)))
+        inputs.append(run_config)
     stats = run_plan(
         source,
         out,
         files,
         params_read,
         METADATA,
-        [],
+        then,
         document,
         options,
         "merge",
         UNIFIED_FOLDER,
         inputs,
     )
-    written = {f.name for f in files} | {PARAM_NAME_MAP, RUN_RECORD}
+    written = {f.name for f in files} | {s.name for s in then} | {PARAM_NAME_MAP, RUN_RECORD}
     others = sorted(p.name for p in out.iterdir() if p.name not in written)
     if others:
         log.info("left untouched in %s: %s", out, ", ".join(others))

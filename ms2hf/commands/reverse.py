@@ -10,7 +10,13 @@ import os
 import time
 from pathlib import Path
 
-from ms2hf.commands.convert import ConvertOptions, ConvertReport, gather_given, write_hf_checkpoint
+from ms2hf.commands.convert import (
+    ConvertOptions,
+    ConvertReport,
+    gather_given,
+    lora_request,
+    write_hf_checkpoint,
+)
 from ms2hf.errors import ModelError
 from ms2hf.io.sources.unified import plan_unified
 from ms2hf.transforms.family import ModelFamily
@@ -35,15 +41,18 @@ def reverse(
     options: ConvertOptions | None = None,
     model: str | None = None,
 ) -> ConvertReport:
-    """Convert a unified folder (or one safetensors file) into a Hugging Face checkpoint."""
+    """Convert a unified folder (or one safetensors file) into a Hugging Face checkpoint. A LoRA
+    fine-tune is converted as ``convert`` does; the run's ``adapter_config.json`` is looked for
+    in the folder (``merge`` copies it there)."""
     options = options or ConvertOptions()
     started = time.perf_counter()
     source_path = Path(input_path)
     given = gather_given(options)
+    lora = lora_request(options, source_path if source_path.is_dir() else source_path.parent)
     source = plan_unified(source_path)
     detected = detect({name: p.shape for name, p in source.params.items()})
     if model is not None:
         check_model_flag(model, detected, source_path)
-    report = write_hf_checkpoint(source, Path(out_dir), options, given)
+    report = write_hf_checkpoint(source, Path(out_dir), options, given, lora)
     report.seconds = time.perf_counter() - started
     return report

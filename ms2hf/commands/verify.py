@@ -12,6 +12,7 @@ Problems are collected rather than raised, so one run lists everything wrong wit
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +35,14 @@ from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
 from ms2hf.pipeline.engine.checks import first_difference
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, read_finished, read_run_record
+from ms2hf.pipeline.lora import (
+    ADAPTER_FILE,
+    RUN_ADAPTER_CONFIG,
+    LoraRequest,
+    lora_given,
+    run_adapter_config,
+)
+from ms2hf.pipeline.plan import lora_outputs, plan_lora
 from ms2hf.transforms.casts import TARGETS, output_dtype
 from ms2hf.transforms.pieces import OutputTensor
 from ms2hf.transforms.registry import expected_tensors, hf_model
@@ -46,11 +55,16 @@ SHOWN_PROBLEMS = 20
 class VerifyOptions:
     step: str | None = None
     config: Path | None = None
-    """The training yaml, for the fused-weight layout flags the source was trained with."""
+    """The training yaml, for the fused-weight layout flags the source was trained with (and a
+    LoRA run's pet_config)."""
     routing_scale: str | None = None
     """As the conversion was given it: a folded routing scale is part of the expected bytes."""
     memory_budget: int | None = None
     workers: int | None = None
+    lora: str | None = None
+    """What a model folder made from a LoRA fine-tune holds: ``merged`` (default) or ``base``;
+    an adapter folder is recognised as one."""
+    lora_alpha: float | None = None
 
 
 @dataclass
@@ -239,11 +253,32 @@ def _check_against(
     training_output: Path,
     options: VerifyOptions,
     report: VerifyReport,
+    adapter: dict[str, Any] | None,
 ) -> None:
+    """Every tensor recomputed from the training output as ``convert`` makes it: on a LoRA
+    fine-tune the merged model (``--lora base``: the base model), or for an adapter folder
+    (``adapter``: its config) the adapter, whose config must then state the run's r, alpha and
+    targets."""
     source = plan_training_output(training_output, options.step)
     given = read_train_config(options.config) if options.config else {}
     shapes = {name: p.shape for name, p in source.params.items()}
-    outputs = hf_model(shapes, given, "F32", options.routing_scale, config_checks=False).outputs
+    model = hf_model(shapes, given, "F32", options.routing_scale, config_checks=False)
+    request = LoraRequest(
+        "adapter" if adapter is not None else options.lora,
+        lora_given(options.lora_alpha, options.config, run_adapter_config(training_output)),
+    )
+    lora = plan_lora(model, request)
+    outputs = lora_outputs(model, lora, shapes)
+    if adapter is not None and lora is not None and lora.alpha is not None:
+        stated = {"r": lora.rank, "lora_alpha": lora.alpha.value, "target_modules": lora.targets}
+        for key, value in stated.items():
+            got = adapter.get(key)
+            if (list(got) if isinstance(got, list) else got) != (
+                list(value) if isinstance(value, tuple) else value
+            ):
+                report.problems.append(
+                    f"{RUN_ADAPTER_CONFIG}: {key} is {got!r}, the training output gives {value!r}"
+                )
     budget = MemoryBudget.resolve(options.memory_budget, options.workers)
     buffers = threading.local()
 
@@ -272,14 +307,89 @@ def verify(
     if not folder.is_dir():
         raise FormatError(f"{folder}: not a folder")
     report = VerifyReport(folder)
-    weight_map, total = _read_index(folder, report)
-    files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+    is_adapter = (folder / ADAPTER_FILE).is_file() and not (folder / HF_INDEX).exists()
+    if is_adapter:
+        weight_map, total = None, None
+        single = ADAPTER_FILE
+    else:
+        weight_map, total = _read_index(folder, report)
+        single = SINGLE_FILE
+    files = sorted(set(weight_map.values())) if weight_map is not None else [single]
     headers = _read_headers(folder, files, report)
     if weight_map is None:
-        weight_map = dict.fromkeys(headers.get(SINGLE_FILE, {}), SINGLE_FILE)
+        weight_map = dict.fromkeys(headers.get(single, {}), single)
     found = _check_index(weight_map, total, headers, report)
-    _check_shapes(folder, found, report)
+    adapter = _check_adapter(folder, found, report) if is_adapter else None
+    if not is_adapter:
+        _check_shapes(folder, found, report)
     _check_record(folder, headers, report)
     if against is not None:
-        _check_against(folder, found, Path(against), options, report)
+        _check_against(folder, found, Path(against), options, report, adapter)
     return report
+
+
+def _names(module: str, target: str) -> bool:
+    """PEFT's rule for a listed target: the module's name, or its end after a dot."""
+    return module == target or module.endswith("." + target)
+
+
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight$")
+
+
+def _check_adapter(
+    folder: Path, found: Mapping[str, tuple[str, TensorInfo]], report: VerifyReport
+) -> dict[str, Any]:
+    """A PEFT adapter folder: its config is plain LoRA as PEFT and vLLM load it, and its tensors
+    are the pairs that config describes (``docs/lora.md#4-the-peft-adapter``). The config, or
+    ``{}`` when it cannot be read."""
+    path = folder / RUN_ADAPTER_CONFIG
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        report.problems.append(f"{RUN_ADAPTER_CONFIG}: not readable JSON ({e})")
+        return {}
+    if not isinstance(doc, dict):
+        report.problems.append(f"{RUN_ADAPTER_CONFIG}: not a JSON object")
+        return {}
+    expected = {"peft_type": "LORA", "bias": "none", "use_dora": False, "modules_to_save": None}
+    for key, value in expected.items():
+        if doc.get(key, value) != value:
+            report.problems.append(
+                f"{RUN_ADAPTER_CONFIG}: {key} is {doc[key]!r}; a plain LoRA adapter has {value!r}"
+            )
+    rank, targets = doc.get("r"), doc.get("target_modules")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        report.problems.append(f"{RUN_ADAPTER_CONFIG}: r is {rank!r}, not a positive integer")
+    alpha = doc.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        report.problems.append(f"{RUN_ADAPTER_CONFIG}: lora_alpha is {alpha!r}, not a number > 0")
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        report.problems.append(f"{RUN_ADAPTER_CONFIG}: target_modules is {targets!r}, not a list")
+        targets = []
+    halves: dict[str, set[str]] = {}
+    for name, (file, info) in sorted(found.items()):
+        m = _PEFT_KEY.match(name)
+        if m is None:
+            report.problems.append(f"{file}: {name} is not a PEFT LoRA weight key")
+            continue
+        halves.setdefault(m.group("module"), set()).add(m.group("half"))
+        want = 0 if m.group("half") == "A" else 1
+        if len(info.shape) != 2 or info.shape[want] != rank:
+            report.problems.append(
+                f"{file}: {name} has shape {list(info.shape)}; with r = {rank!r} lora_A is "
+                "[r, in] and lora_B [out, r]"
+            )
+    for module, have in sorted(halves.items()):
+        if have != {"A", "B"}:
+            report.problems.append(f"{module}: has lora_{min(have)} without its partner")
+    if targets:  # PEFT matches a listed name against the end of a module's name
+        covered = [m for m in sorted(halves) if any(_names(m, t) for t in targets)]
+        unused = [t for t in targets if not any(_names(m, t) for m in halves)]
+        if len(covered) < len(halves) or unused:
+            report.problems.append(
+                f"{RUN_ADAPTER_CONFIG}: target_modules {targets} do not name exactly the "
+                f"modules the tensors give LoRA (named none: {sorted(set(halves) - set(covered))}; "
+                f"naming no module with LoRA: {unused})"
+            )
+    report.checked.append(f"{RUN_ADAPTER_CONFIG} and the LoRA pairs")
+    return doc

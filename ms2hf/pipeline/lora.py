@@ -42,11 +42,15 @@ class LoraGiven:
 
 
 def run_adapter_config(folder: Path | None) -> Path | None:
-    """The ``adapter_config.json`` a LoRA run left in ``folder`` (its output root), if any."""
+    """The ``adapter_config.json`` a LoRA run left in its output folder: ``folder`` itself or,
+    when ``folder`` is its ``checkpoint/`` (or a Checkpoint 2.0 iteration in it), a parent."""
     if folder is None:
         return None
-    path = folder / RUN_ADAPTER_CONFIG
-    return path if path.is_file() else None
+    for where in (folder, folder.parent, folder.parent.parent):
+        path = where / RUN_ADAPTER_CONFIG
+        if path.is_file():
+            return path
+    return None
 
 
 def lora_given(alpha: float | None, train_yaml: Path | None, run_config: Path | None) -> LoraGiven:
