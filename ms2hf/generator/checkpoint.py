@@ -15,6 +15,7 @@ and Adam states are written in bands, so a 0.6B-parameter fp32 run stays near 1-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import zlib
@@ -31,17 +32,22 @@ from ms2hf.generator.config import CKPT2, GeneratorConfig
 from ms2hf.generator.files import ADAM_STATE, FileSpec, Slot, training_scalars
 from ms2hf.generator.fuse import fuse
 from ms2hf.generator.layouts import PlacedParam, place, savers
+from ms2hf.generator.lora import run_adapter_config
 from ms2hf.generator.network import ModelSpec, model_spec
 from ms2hf.generator.strategy_file import encode_stage
-from ms2hf.io.config_files import ConfigValue
+from ms2hf.io.config_files import RUN_ADAPTER_CONFIG, ConfigValue
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.hf_output import HF_METADATA
 from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, TensorEntry, layout_shard
+from ms2hf.transforms import lora
+from ms2hf.transforms.lora import LORA_KEY, is_lora_name
 from ms2hf.transforms.pieces import OutputTensor, Piece
 from ms2hf.transforms.registry import hf_model
 
 BAND_BYTES = 64 << 20
 EXPECTED = Path("expected") / "hf_model.safetensors"
+EXPECTED_LORA = Path("expected") / "lora.safetensors"
+LORA_B_SUFFIX = ".lora_B.weight"
 EXPECTED_CONFIG = Path("expected") / "config.json"
 TRAIN_YAML = Path("train.yaml")
 
@@ -85,8 +91,21 @@ class Generated:
 
     @property
     def train_yaml(self) -> Path:
-        """``model.model_config`` with the sizes and layout flags: for ``--config``."""
+        """``model.model_config`` with the sizes and layout flags (and a LoRA run's
+        ``pet_config``): for ``--config``."""
         return self.root / TRAIN_YAML
+
+    @property
+    def expected_lora(self) -> Path:
+        """A LoRA fine-tune's LoRA tensors per Hugging Face module (``<module>.lora_A.weight``,
+        ``<module>.lora_B.weight``), in the parameters' dtype: a PEFT adapter's tensors without
+        its ``base_model.model.`` prefix."""
+        return self.root / EXPECTED_LORA
+
+    @property
+    def run_adapter_config(self) -> Path:
+        """A LoRA run's own ``adapter_config.json`` (mindformers' file) beside ``checkpoint/``."""
+        return self.root / RUN_ADAPTER_CONFIG
 
 
 def _adam_state(prefix: str) -> Callable[[np.ndarray], np.ndarray]:
@@ -134,7 +153,8 @@ def _check_weights(outputs: Sequence[OutputTensor], weights: Weights) -> None:
             problems.append(f"{' / '.join(map(repr, names))} is missing")
         agree = [n for n in given if n in shaped]
         if any(not np.array_equal(weights[agree[0]], weights[n]) for n in agree[1:]):
-            problems.append(f"{' and '.join(map(repr, agree))} are one tied tensor but differ")
+            what = "share one lora_A" if is_lora_name(agree[0]) else "are one tied tensor"
+            problems.append(f"{' and '.join(map(repr, agree))} {what} but differ")
     if problems:
         raise Ms2hfError("given weights: " + "; ".join(problems))
 
@@ -177,13 +197,13 @@ def _build_param(
     p: PlacedParam,
     made_of: Sequence[OutputTensor],
     config: GeneratorConfig,
-    expected: ShardWriter | None,
+    expected: Mapping[str, ShardWriter],
     weights: Weights | None,
     statistics: Statistics,
 ) -> np.ndarray:
     """A full parameter, fused (``ms2hf.generator.fuse``) from the Hugging Face tensors drawn or
-    given for it, which are written to ``expected`` as they go; a training statistic, of which
-    no Hugging Face tensor is made, is given whole or drawn."""
+    given for it, which are written to their ``expected`` file as they go; a training statistic,
+    of which no Hugging Face tensor is made, is given whole or drawn."""
     dtype = to_numpy(_param_dtype(p, config))
     if p.spec.training_only:
         given = statistics.get(p.spec.name)
@@ -200,13 +220,19 @@ def _build_param(
         value = _values(config, same, dtype, weights)
         for t in same:
             values[t.name] = value
-            if expected is not None:
-                _write_rows(expected, t.name, value)
-    found = config.family.table.row(p.spec.name)
+            if t.name in expected:
+                _write_rows(expected[t.name], t.name, value)
+    half = LORA_KEY.match(p.spec.name)
+    name = half.group("module") + ".weight" if half else p.spec.name
+    found = config.family.table.row(name)
     if found is None:
         raise Ms2hfError(f"parameter {p.spec.name!r} has no row in the {config.family.name} table")
     row, layer = found
-    full = fuse(row, layer, values, config.dims, config.weight_layout)
+    if half is not None and half.group("half") == "A":
+        (full,) = {id(v): v for v in values.values()}.values()  # one A, shared by the module
+    else:  # a weight, or a lora_B: its Hugging Face modules' rows fused as the weight's are
+        bases = {n.replace(LORA_B_SUFFIX, ".weight"): v for n, v in values.items()}
+        full = fuse(row, layer, bases, config.dims, config.weight_layout)
     if full.shape != p.spec.shape:
         raise Ms2hfError(
             f"parameter {p.spec.name!r}: fused from its Hugging Face tensors it has shape "
@@ -216,10 +242,18 @@ def _build_param(
 
 
 def _hf_outputs(model: ModelSpec, config: GeneratorConfig) -> tuple[OutputTensor, ...]:
-    """The Hugging Face tensors, as the converter's rules cut them from the parameters."""
+    """The Hugging Face tensors, as the converter's rules name them: the model's, then a LoRA
+    fine-tune's per Hugging Face module (``<module>.lora_A.weight``, ``<module>.lora_B.weight``;
+    the modules of one fused parameter share its ``lora_A``, one tensor under several names)."""
     given = {name: ConfigValue(value, "generator") for name, value in model.model_config.items()}
     shapes = {p.name: p.shape for p in model.params}
-    return hf_model(shapes, given, config.source_dtype).outputs
+    hf = hf_model(shapes, given, config.source_dtype)
+    if hf.lora is None:
+        return hf.outputs
+    adapter = lora.adapter(hf.outputs, hf.lora, shapes)
+    return hf.outputs + tuple(
+        dataclasses.replace(t, name=t.name.removeprefix(lora.PEFT_PREFIX)) for t in adapter
+    )
 
 
 def _legacy_files(
@@ -281,11 +315,12 @@ def _write_files(
             writers.append(ShardWriter(f.path, layout_shard(f.entries, f.metadata)))
             for name, value in f.constants.items():
                 _write_rows(writers[-1], name, value)
-        expected = None
+        expected: dict[str, ShardWriter] = {}
         if with_expected:
-            hf_entries = [TensorEntry(t.name, config.source_dtype, t.shape) for t in outputs]
-            expected = ShardWriter(root / EXPECTED, layout_shard(hf_entries, HF_METADATA))
-            writers.append(expected)
+            for path, tensors in _expected_files(outputs).items():
+                entries = [TensorEntry(t.name, config.source_dtype, t.shape) for t in tensors]
+                writers.append(ShardWriter(root / path, layout_shard(entries, HF_METADATA)))
+                expected.update(dict.fromkeys((t.name for t in tensors), writers[-1]))
         for p in placed:
             made_of = [t for t in outputs if t.source == p.spec.name]
             full = _build_param(p, made_of, config, expected, *given)
@@ -300,6 +335,14 @@ def _write_files(
         for writer in writers:
             writer.abort()
         raise
+
+
+def _expected_files(outputs: Sequence[OutputTensor]) -> dict[Path, list[OutputTensor]]:
+    """The model's tensors in ``EXPECTED``, a LoRA fine-tune's LoRA tensors in ``EXPECTED_LORA``."""
+    files: dict[Path, list[OutputTensor]] = {EXPECTED: []}
+    for t in outputs:
+        files.setdefault(EXPECTED_LORA if is_lora_name(t.name) else EXPECTED, []).append(t)
+    return files
 
 
 def _write_small_files(root: Path, model: ModelSpec, config: GeneratorConfig) -> None:
@@ -320,6 +363,8 @@ def _write_small_files(root: Path, model: ModelSpec, config: GeneratorConfig) ->
         "model": {"model_config": model.model_config},
     }
     (root / TRAIN_YAML).write_text(yaml.safe_dump(train, sort_keys=False))
+    if config.lora is not None:
+        (root / RUN_ADAPTER_CONFIG).write_text(run_adapter_config(config.lora))
 
 
 def _write_strategies(

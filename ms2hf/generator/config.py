@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,32 @@ class MoeConfig:
             )
 
 
+DEFAULT_LORA_TARGETS = ".*word_embeddings|.*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"
+"""The ``target_modules`` of the genuine LoRA fixtures' ``pet_config`` (the embedding matches but
+is no linear layer, so it gets no LoRA)."""
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A LoRA fine-tune as mindformers runs one: the yaml's ``pet_config``. Defaults are the
+    genuine LoRA fixtures'."""
+
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.1
+    target_modules: str = DEFAULT_LORA_TARGETS
+    """mindformers' regex, matched against each cell's local name (``docs/lora.md#1``)."""
+
+    def __post_init__(self) -> None:
+        _require_counts(self, ("rank",))
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise Ms2hfError(f"LoraConfig.alpha = {self.alpha}: must be a finite number > 0")
+        try:
+            re.compile(self.target_modules)
+        except re.error as e:
+            raise Ms2hfError(f"LoraConfig.target_modules: not a regex: {e}") from e
+
+
 @dataclass(frozen=True)
 class GeneratorConfig:
     """One training run, small or large. Defaults are the fixtures' tiny Qwen3 on one device."""
@@ -93,6 +121,8 @@ class GeneratorConfig:
     """None: dense Qwen3."""
     save_format: str = LEGACY
     """``legacy`` or ``ckpt2``."""
+    lora: LoraConfig | None = None
+    """A LoRA fine-tune: frozen base weights, LoRA weights with Adam states; None: full training."""
 
     def __post_init__(self) -> None:
         _require_counts(self, COUNTS)

@@ -32,7 +32,7 @@ class PlacedParam:
     @property
     def saved_prefixes(self) -> tuple[str, ...]:
         """Its keys in a rank file, as prefixes of its name: itself, then any Adam states."""
-        return ("",) if self.spec.training_only else ("", *SAVED_STATES)
+        return ("", *SAVED_STATES) if self.spec.trainable else ("",)
 
     @property
     def splits(self) -> tuple[int, ...]:
@@ -77,12 +77,13 @@ def place(spec: ParamSpec, opt_shard: int) -> PlacedParam:
 
 def strategy_keys(params: Sequence[PlacedParam]) -> list[tuple[str, PlacedParam]]:
     """Every layout entry of a stage's strategy file, in MindSpore's order (the genuine
-    fixtures'): the weights in network order, their gradient accumulators, the training-only
-    statistics, then the weights' Adam states."""
-    weights = [p for p in params if not p.spec.training_only]
-    statistics = [p for p in params if p.spec.training_only]
-    groups = [("", weights), (ACCUMULATORS, weights), ("", statistics)]
-    groups += [(state, weights) for state in SAVED_STATES]
+    fixtures'): the trained weights in network order, their gradient accumulators, the other
+    parameters (training statistics; a LoRA run's frozen weights) in network order, then the
+    trained weights' Adam states."""
+    trained = [p for p in params if p.spec.trainable]
+    others = [p for p in params if not p.spec.trainable]
+    groups = [("", trained), (ACCUMULATORS, trained), ("", others)]
+    groups += [(state, trained) for state in SAVED_STATES]
     return [(prefix + p.spec.name, p) for prefix, group in groups for p in group]
 
 

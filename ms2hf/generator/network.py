@@ -10,7 +10,7 @@ own, ``(devices per stage / ep, ep)``: the experts split whole along dim 0 over 
 router replicated. The router's ``fi_accu`` statistic is laid out in the flat form over all of a
 stage's devices and is never trained (no Adam states, never optimizer-sharded).
 Layers are spread evenly over the pipeline stages, the embedding on the first, the final norm and
-output layer on the last.
+output layer on the last. A LoRA fine-tune's network is rewritten first (``ms2hf.generator.lora``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ms2hf.generator.config import GeneratorConfig
+from ms2hf.generator.lora import pet_config, with_lora
 from ms2hf.io.sources.strategy import NOT_SPLIT
 from ms2hf.transforms.family import NetworkParam, Role
 from ms2hf.transforms.hf_config import DTYPE_NAMES
+from ms2hf.transforms.lora import is_lora_name
 from ms2hf.transforms.mappings import layer_pattern
 
 TensorMap = tuple[tuple[int, ...], ...]
@@ -55,7 +57,13 @@ ROLES: dict[Role, RoleLayout] = {
     Role.ROUTER_STATISTIC: RoleLayout(FLAT_REPLICATED, False, ("TopKRouter", "add_accu[0]")),
     Role.EXPERTS_IN: RoleLayout(DIM0, True, ("FFNGroupedGEMM", "morphed_forward[3]")),
     Role.EXPERTS_OUT: RoleLayout(DIM0, True, ("FFNGroupedGEMM", "morphed_forward[4]")),
+    Role.REPLICATED_LINEAR: RoleLayout(REPLICATED, False, ("LinearNoTP", "morphed_forward[1]")),
 }
+WITH_LORA = "WithLoRA"
+"""What a wrapped linear layer's class is called (``ColumnParallelLinearWithLoRA``)."""
+LORA_WRAPPERS = "network-network-"
+"""In a LoRA run the model sits two cells deeper (the fine-tuning wrapper), and every op's node
+name says so (as the genuine LoRA fixtures' strategy files have it)."""
 TRAINING_ONLY = frozenset({Role.ROUTER_STATISTIC})
 """Statistics of training, not weights: the optimizer never sees them, no Hugging Face tensor is
 made of them, so they are drawn at random."""
@@ -77,6 +85,9 @@ class ParamSpec:
     training_only: bool = False
     dtype: str | None = None
     """Its own safetensors dtype when the network fixes one; None: the run's ``params_dtype``."""
+    trainable: bool = True
+    """Trained: saved with Adam states, listed with gradient accumulators. A LoRA run trains its
+    LoRA weights only; a statistic is never trained."""
 
 
 @dataclass(frozen=True)
@@ -109,8 +120,10 @@ def _stages(params: list[NetworkParam], c: GeneratorConfig) -> list[int]:
     return stages
 
 
-def _place(p: NetworkParam, stage: int, c: GeneratorConfig) -> ParamSpec:
+def _place(p: NetworkParam, stage: int, c: GeneratorConfig, wrapped: frozenset[str]) -> ParamSpec:
     role = ROLES[p.role]
+    op = (role.op[0] + WITH_LORA, role.op[1]) if p.name in wrapped else role.op
+    training_only = p.role in TRAINING_ONLY
     if role.experts_matrix:
         ep = c.moe.ep if c.moe else 1
         dev: tuple[int, ...] = (c.devices_per_stage // ep, ep)
@@ -124,9 +137,10 @@ def _place(p: NetworkParam, stage: int, c: GeneratorConfig) -> ParamSpec:
         stage,
         dev,
         role.tensor_map,
-        node(p.name, role.op),
-        training_only=p.role in TRAINING_ONLY,
+        (LORA_WRAPPERS if c.lora is not None else "") + node(p.name, op),
+        training_only=training_only,
         dtype=p.dtype,
+        trainable=not training_only and (c.lora is None or is_lora_name(p.name)),
     )
 
 
@@ -148,11 +162,15 @@ def _sizes(c: GeneratorConfig) -> dict[str, Any]:
 def model_spec(c: GeneratorConfig) -> ModelSpec:
     family = c.family
     params = family.network(c.dims)
+    wrapped: frozenset[str] = frozenset()
+    if c.lora is not None:
+        params, wrapped = with_lora(params, c.lora, family.table)
     stages = _stages(params, c)
     sizes = {**_sizes(c), **_routing(c)}
+    fine_tune = {"pet_config": pet_config(c.lora)} if c.lora is not None else {}
     return ModelSpec(
         network=NETWORK_PREFIX + f"network-Training{family.architecture}",
-        params=tuple(_place(p, s, c) for p, s in zip(params, stages)),
+        params=tuple(_place(p, s, c, wrapped) for p, s in zip(params, stages)),
         hf_config={
             "architectures": [family.architecture],
             "model_type": family.model_type,
@@ -164,5 +182,6 @@ def model_spec(c: GeneratorConfig) -> ModelSpec:
             "params_dtype": DTYPE_NAMES[c.source_dtype],
             "use_contiguous_weight_layout_attention": c.contiguous_qkv,
             "use_interleaved_weight_layout_mlp": c.interleaved_fc1,
+            **fine_tune,
         },
     )

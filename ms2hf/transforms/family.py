@@ -35,6 +35,7 @@ class Role(Enum):
     ROUTER_STATISTIC = "MoE router statistic: replicated, flat form, never trained"
     EXPERTS_IN = "grouped experts, first operand: dim 0 over ep"
     EXPERTS_OUT = "grouped experts, second operand: dim 0 over ep"
+    REPLICATED_LINEAR = "linear replicated over tp (a LoRA half beside a split weight)"
 
 
 @dataclass(frozen=True)
