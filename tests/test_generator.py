@@ -17,7 +17,7 @@ import pytest
 from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.commands.demo import mismatches
 from ms2hf.errors import Ms2hfError
-from ms2hf.generator import GeneratorConfig, MoeConfig, generate
+from ms2hf.generator import GeneratorConfig, LoraConfig, MoeConfig, generate
 from ms2hf.io.config_files import read_train_config
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.strategy import load_strategy
@@ -26,7 +26,26 @@ from tests.oracle.convert import hf_tensors
 from tests.oracle.convert import mismatches as oracle_mismatches
 from tests.oracle.files import read_tensors
 
-FIXTURES = DENSE_FIXTURES + MOE_FIXTURES
+LORA_DATA = DATA.parent / "data-lora"
+LORA_FIXTURES = ["tiny_lora_fp32_tp2pp2", "moe_lora_fp32_dp2tp2pp2_ep2"]
+FIXTURES = DENSE_FIXTURES + MOE_FIXTURES + LORA_FIXTURES
+
+
+def fixture_path(name: str) -> Path:
+    return (LORA_DATA if name in LORA_FIXTURES else DATA) / name
+
+
+def truth_weights(fixture: Path) -> dict[str, np.ndarray]:
+    """A fixture's Hugging Face tensors: the model's; for a LoRA fine-tune the base model's and
+    its LoRA per Hugging Face module (the genuine adapter's tensors, PEFT's prefix dropped)."""
+    truth = fixture / "ground_truth"
+    if (truth / "hf_model.safetensors").is_file():
+        return load_tensors(truth / "hf_model.safetensors")
+    adapter = load_tensors(truth / "adapter" / "adapter_model.safetensors")
+    return {
+        **load_tensors(truth / "hf_base.safetensors"),
+        **{name.removeprefix("base_model.model."): t for name, t in adapter.items()},
+    }
 
 
 def config_of(fixture: Path) -> GeneratorConfig:
@@ -42,6 +61,15 @@ def config_of(fixture: Path) -> GeneratorConfig:
             ep=m["ep"],
             mlp_only_layers=tuple(model.get("mlp_only_layers", ())),
             decoder_sparse_step=model["decoder_sparse_step"],
+        )
+    lora = None
+    if "lora" in m:
+        pet = m["lora"]["pet_config"]
+        lora = LoraConfig(
+            rank=pet["lora_rank"],
+            alpha=pet["lora_alpha"],
+            dropout=pet["lora_dropout"],
+            target_modules=pet["target_modules"],
         )
     return GeneratorConfig(
         layers=model["num_hidden_layers"],
@@ -63,6 +91,7 @@ def config_of(fixture: Path) -> GeneratorConfig:
         prefix=m["prefix"],
         step=int(m["file_suffix"].split("_")[0]),
         moe=moe,
+        lora=lora,
     )
 
 
@@ -73,7 +102,7 @@ def rank_file(checkpoint: Path, rank: int) -> Path:
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_rank_files_match_the_fixture_structure(name: str, tmp_path: Path) -> None:
-    fixture = DATA / name
+    fixture = fixture_path(name)
     generated = generate(config_of(fixture), tmp_path)
     ranks = sorted(p.name for p in (fixture / "checkpoint").iterdir())
     assert sorted(p.name for p in generated.checkpoint_dir.iterdir()) == ranks
@@ -96,8 +125,8 @@ def test_every_saved_slice_is_the_fixture_bytes(name: str, tmp_path: Path) -> No
     slice of every rank file byte for byte as MindSpore did: the fused layouts (generator/fuse.py)
     and the placement of every slice are checked against MindSpore, not against ms2hf's rules.
     Adam states are stand-ins and ``fi_accu`` (no Hugging Face tensor) is drawn: not compared."""
-    fixture = DATA / name
-    weights = load_tensors(fixture / "ground_truth" / "hf_model.safetensors")
+    fixture = fixture_path(name)
+    weights = truth_weights(fixture)
     generated = generate(config_of(fixture), tmp_path, weights=weights, expected=False)
     compared = 0
     for rank_dir in sorted((fixture / "checkpoint").iterdir()):
@@ -116,7 +145,7 @@ def test_every_saved_slice_is_the_fixture_bytes(name: str, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("name", FIXTURES)
 def test_strategy_files_match_the_fixture(name: str, tmp_path: Path) -> None:
-    fixture = DATA / name
+    fixture = fixture_path(name)
     generated = generate(config_of(fixture), tmp_path)
     want, got = load_strategy(fixture / "strategy"), load_strategy(generated.strategy_dir)
     assert got.rank_stage == want.rank_stage
@@ -126,9 +155,18 @@ def test_strategy_files_match_the_fixture(name: str, tmp_path: Path) -> None:
         assert (generated.strategy_dir / path.name).read_bytes() == path.read_bytes(), path.name
 
 
+@pytest.mark.parametrize("name", LORA_FIXTURES)
+def test_a_lora_run_leaves_mindformers_own_adapter_config(name: str, tmp_path: Path) -> None:
+    fixture = fixture_path(name)
+    generated = generate(config_of(fixture), tmp_path, expected=False)
+    assert (
+        generated.run_adapter_config.read_bytes() == (fixture / "adapter_config.json").read_bytes()
+    )
+
+
 @pytest.mark.parametrize("name", FIXTURES)
 def test_expected_config_is_the_fixture_config(name: str, tmp_path: Path) -> None:
-    fixture = DATA / name
+    fixture = fixture_path(name)
     written = json.loads(generate(config_of(fixture), tmp_path).hf_config.read_text())
     truth = json.loads((fixture / "ground_truth" / "config.json").read_text())
     assert written == {k: truth[k] for k in written}

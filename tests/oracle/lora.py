@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.oracle import qwen3
+
 SKIPPED_PREFIXES = ("adam_m.", "adam_v.", "accu_grads.")
 """Optimizer-side entries: never model tensors."""
 
@@ -90,101 +92,54 @@ def merge_weight(w: np.ndarray, b: np.ndarray, a: np.ndarray, s: float) -> np.nd
 
 
 # --------------------------------------------------------------------------------------------
-# Base model split.  MINIMAL STAND-INS, marked for the lead: tests/oracle/qwen3.py (another
-# helper's) is the oracle's real account of SPEC sections 4 and 5; swap these for it at merge.
+# The base model: tests/oracle/qwen3.py's rules (SPEC sections 4 and 5)
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Dims:
-    """Attention sizes read off the tensors (SPEC section 4, "Shapes give the configuration")."""
+    """A layer's attention sizes, read off its tensors as SPEC section 4 says."""
 
     heads: int
     groups: int
     head_dim: int
 
-    @property
-    def per_group(self) -> int:
-        return self.heads // self.groups
 
-
-def dims_of(mcore: Mapping[str, np.ndarray]) -> Dims:  # STAND-IN (swap for tests/oracle/qwen3.py)
-    d = int(mcore["decoder.layers.0.self_attention.q_layernorm.weight"].shape[0])
-    heads = int(mcore["decoder.layers.0.self_attention.linear_proj.weight"].shape[1]) // d
-    qkv_rows = int(mcore["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0])
+def dims_of(mcore: Mapping[str, np.ndarray], layer: int = 0) -> Dims:
+    p = f"decoder.layers.{layer}.self_attention."
+    (d,) = mcore[p + "q_layernorm.weight"].shape
+    heads = int(mcore[p + "linear_proj.weight"].shape[1]) // d
+    qkv_rows = int(mcore[p + "linear_qkv.weight"].shape[0])
     groups = (qkv_rows // d - heads) // 2
     if groups <= 0 or heads % groups or (heads + 2 * groups) * d != qkv_rows:
         raise LoraRejected(
             f"cannot read heads/groups from linear_qkv rows {qkv_rows}, head_dim {d}"
         )
-    return Dims(heads, groups, d)
+    return Dims(heads, groups, int(d))
 
 
-def split_qkv(rows: np.ndarray, dims: Dims) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """STAND-IN. Megatron grouped rows -> (q, k, v). Any trailing width: the same rule serves
-    ``linear_qkv.weight`` ``[.., H]`` and ``linear_qkv.lora_B.weight`` ``[.., r]``."""
-    n, d = dims.per_group, dims.head_dim
-    view = rows.reshape(dims.groups, (n + 2) * d, rows.shape[1])
-    q = view[:, : n * d].reshape(dims.heads * d, rows.shape[1])
-    k = view[:, n * d : n * d + d].reshape(dims.groups * d, rows.shape[1])
-    v = view[:, n * d + d :].reshape(dims.groups * d, rows.shape[1])
-    return q, k, v
+def split_qkv(
+    rows: np.ndarray, dims: Dims, contiguous: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``linear_qkv`` rows -> (q, k, v) by the oracle's Qwen3 rule; any trailing width, so the
+    same rule serves ``linear_qkv.weight`` and ``linear_qkv.lora_B.weight``."""
+    return qwen3.split_qkv(rows, dims.heads, dims.groups, dims.head_dim, contiguous)
 
 
-def split_gate_up(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """STAND-IN. Interleaved ``linear_fc1`` rows (default layout): even rows gate, odd rows up."""
-    return rows[0::2], rows[1::2]
+def split_gate_up(rows: np.ndarray, interleaved: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``linear_fc1`` rows -> (gate, up) by the oracle's Qwen3 rule."""
+    return qwen3.split_fc1(rows, interleaved)
 
 
-def _layer_indices(mcore: Mapping[str, np.ndarray]) -> list[int]:
-    found = {int(m.group(1)) for k in mcore if (m := re.match(r"^decoder\.layers\.(\d+)\.", k))}
-    return sorted(found)
-
-
-def base_model(mcore: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """STAND-IN. The plain Hugging Face conversion of the base weights, stored dtype kept.
-
-    Dense Qwen3 and Qwen3-MoE, default layouts only. LoRA tensors, optimizer states,
-    ``mlp.router.fi_accu`` and scalars are left out. A tied model (no ``output_layer.weight``)
-    gets ``lm_head.weight`` as a copy of the embedding, as the genuine tied fixture's truth has.
-    """
-    dims = dims_of(mcore)
-    out: dict[str, np.ndarray] = {}
-    emb = mcore["embedding.word_embeddings.weight"]
-    out["model.embed_tokens.weight"] = emb
-    out["model.norm.weight"] = mcore["decoder.final_layernorm.weight"]
-    out["lm_head.weight"] = mcore.get("output_layer.weight", emb)
-    for i in _layer_indices(mcore):
-        p, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        out[h + "input_layernorm.weight"] = mcore[p + "input_layernorm.weight"]
-        out[h + "post_attention_layernorm.weight"] = mcore[p + "pre_mlp_layernorm.weight"]
-        out[h + "self_attn.q_norm.weight"] = mcore[p + "self_attention.q_layernorm.weight"]
-        out[h + "self_attn.k_norm.weight"] = mcore[p + "self_attention.k_layernorm.weight"]
-        q, k, v = split_qkv(mcore[p + "self_attention.linear_qkv.weight"], dims)
-        out[h + "self_attn.q_proj.weight"] = q
-        out[h + "self_attn.k_proj.weight"] = k
-        out[h + "self_attn.v_proj.weight"] = v
-        out[h + "self_attn.o_proj.weight"] = mcore[p + "self_attention.linear_proj.weight"]
-        if p + "mlp.linear_fc1.weight" in mcore:
-            gate, up = split_gate_up(mcore[p + "mlp.linear_fc1.weight"])
-            out[h + "mlp.gate_proj.weight"] = gate
-            out[h + "mlp.up_proj.weight"] = up
-            out[h + "mlp.down_proj.weight"] = mcore[p + "mlp.linear_fc2.weight"]
-        if p + "mlp.experts.weight1" in mcore:
-            router = mcore[p + "mlp.router.weight"]
-            experts, hidden = router.shape
-            w1 = mcore[p + "mlp.experts.weight1"]  # [E*H, 2*Fm], gate half first
-            w2 = mcore[p + "mlp.experts.weight2"]  # [E*Fm, H]
-            fm = w1.shape[1] // 2
-            out[h + "mlp.gate.weight"] = router
-            for e in range(experts):
-                blk = w1[e * hidden : (e + 1) * hidden]
-                out[h + f"mlp.experts.{e}.gate_proj.weight"] = np.ascontiguousarray(blk[:, :fm].T)
-                out[h + f"mlp.experts.{e}.up_proj.weight"] = np.ascontiguousarray(blk[:, fm:].T)
-                out[h + f"mlp.experts.{e}.down_proj.weight"] = np.ascontiguousarray(
-                    w2[e * fm : (e + 1) * fm].T
-                )
-    return out
+def base_model(
+    mcore: Mapping[str, np.ndarray], contiguous_qkv: bool = False, interleaved_fc1: bool = True
+) -> dict[str, np.ndarray]:
+    """The plain Hugging Face conversion of the base weights, stored dtype kept: the oracle's
+    Qwen3 / Qwen3-MoE rules on every parameter but the LoRA weights and optimizer states."""
+    params = {
+        k: v for k, v in mcore.items() if not k.startswith(SKIPPED_PREFIXES) and ".lora_" not in k
+    }
+    return qwen3.to_hf(params, contiguous_qkv=contiguous_qkv, interleaved_fc1=interleaved_fc1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,13 +215,14 @@ def lora_rank(mcore: Mapping[str, np.ndarray]) -> int | None:
     return int(next(iter(pairs.values()))[0].shape[0]) if pairs else None
 
 
-def lora_modules(mcore: Mapping[str, np.ndarray]) -> list[LoraModule]:
+def lora_modules(
+    mcore: Mapping[str, np.ndarray], contiguous_qkv: bool = False, interleaved_fc1: bool = True
+) -> list[LoraModule]:
     """Every LoRA target as Hugging Face modules: q/k/v (gate/up) share ``lora_A`` and take
     their ``lora_B`` rows by the base weight's own row rule; o_proj/down_proj as stored."""
     pairs = lora_pairs(mcore)
     if not pairs:
         return []
-    dims = dims_of(mcore)
     out: list[LoraModule] = []
     for base, (a, b) in pairs.items():
         m = LAYER_TARGET.match(base)
@@ -275,12 +231,16 @@ def lora_modules(mcore: Mapping[str, np.ndarray]) -> list[LoraModule]:
         w = mcore[base + ".weight"]
         module = m.group("module")
         if module == "self_attention.linear_qkv":
-            for name, wr, br in zip(
-                ("q_proj", "k_proj", "v_proj"), split_qkv(w, dims), split_qkv(b, dims)
-            ):
+            dims = dims_of(mcore, int(m.group("layer")))
+            split_w, split_b = (
+                split_qkv(w, dims, contiguous_qkv),
+                split_qkv(b, dims, contiguous_qkv),
+            )
+            for name, wr, br in zip(("q_proj", "k_proj", "v_proj"), split_w, split_b):
                 out.append(LoraModule(h + "self_attn." + name, wr, a, br))
         elif module == "mlp.linear_fc1":
-            for name, wr, br in zip(("gate_proj", "up_proj"), split_gate_up(w), split_gate_up(b)):
+            split_w, split_b = split_gate_up(w, interleaved_fc1), split_gate_up(b, interleaved_fc1)
+            for name, wr, br in zip(("gate_proj", "up_proj"), split_w, split_b):
                 out.append(LoraModule(h + "mlp." + name, wr, a, br))
         elif module == "self_attention.linear_proj":
             out.append(LoraModule(h + "self_attn.o_proj", w, a, b))
@@ -295,11 +255,16 @@ def lora_modules(mcore: Mapping[str, np.ndarray]) -> list[LoraModule]:
 
 
 def merged_model(
-    mcore: Mapping[str, np.ndarray], lora_alpha: float | None
+    mcore: Mapping[str, np.ndarray],
+    lora_alpha: float | None,
+    contiguous_qkv: bool = False,
+    interleaved_fc1: bool = True,
 ) -> dict[str, np.ndarray]:
-    """The fine-tuned model's Hugging Face tensors, all float32 (cast later, SPEC section 6)."""
-    modules = lora_modules(mcore)
-    out = {k: v.astype(np.float32) for k, v in base_model(mcore).items()}
+    """The fine-tuned model's Hugging Face tensors, all float32 (cast later, SPEC section 6).
+    The two flags are the training yaml's fused-weight layout settings."""
+    modules = lora_modules(mcore, contiguous_qkv, interleaved_fc1)
+    base = base_model(mcore, contiguous_qkv, interleaved_fc1)
+    out = {k: v.astype(np.float32) for k, v in base.items()}
     if not modules:
         return out
     s = lora_scale(lora_alpha, int(modules[0].lora_a.shape[0]))
@@ -345,13 +310,15 @@ def adapter(
     lora_alpha: float | None,
     lora_dropout: float = 0.0,
     base_model_name_or_path: str | None = None,
+    contiguous_qkv: bool = False,
+    interleaved_fc1: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The PEFT adapter: ``({key: tensor}, adapter_config)``.
 
     Keys ``base_model.model.<hf module>.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight``
     ``[out_module, r]``, in the checkpoint's stored dtype (byte copies; lora_B a row selection).
     """
-    modules = lora_modules(mcore)
+    modules = lora_modules(mcore, contiguous_qkv, interleaved_fc1)
     if not modules:
         raise LoraRejected("no LoRA weights in the checkpoint: there is no adapter to write")
     tensors: dict[str, np.ndarray] = {}
