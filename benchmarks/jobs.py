@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.floor import floor_plan
-from ms2hf.commands.convert import ConvertOptions, plan_for
+from ms2hf.commands.convert import ConvertOptions, lora_request, plan_for
 from ms2hf.commands.merge import PART_SIZE, plan_unified_files
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_METADATA
@@ -54,7 +54,8 @@ def _ranges(params: Mapping[str, SourceParam]) -> list[Range]:
 
 def workload_shape(root: Path) -> Shape:
     source = plan_training_output(root)
-    files = plan_for(source, ConvertOptions(), {}).files
+    options = ConvertOptions()
+    files = plan_for(source, options, {}, lora_request(options, root)).files
     hf = tuple(layout_shard([t.entry for t in f.tensors], HF_METADATA).size for f in files)
     parts, _ = plan_unified_files(source.params, source.scalars, PART_SIZE)
     unified = tuple(

@@ -16,7 +16,7 @@ ANON_SLACK = 100_000_000
 MEMCAP_LIMIT = "512M"
 MEMORY_BUDGET = "256MiB"
 BUDGET_BYTES = parse_size(MEMORY_BUDGET)
-SPEED_WORKLOADS = ("W", "W-dp2-opt", "M64", "W-ckpt2", "W-ckpt2-dedup")
+SPEED_WORKLOADS = ("W", "W-dp2-opt", "M64", "W-ckpt2", "W-ckpt2-dedup", "W-lora")
 SCALING = ("S8", "S14", "W")
 PLANNING_SECONDS = 30.0
 """Reading and planning a 4096-rank save: "in seconds"."""
@@ -147,6 +147,7 @@ def evaluate(
         ("M64", "convert (memcap)", "2 memory"),
         ("W-ckpt2", "convert (memcap)", "2 memory"),
         ("W-ckpt2-dedup", "convert (memcap)", "2 memory"),
+        ("W-lora", "convert (memcap)", "2 memory"),
     ):
         row = _find(rows, workload, case)
         if row is None:

@@ -51,6 +51,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "moe": ("M64",),
     "ckpt2": ("W-ckpt2", "W-ckpt2-dedup"),
     "plan": ("P4096", "P4096-dedup"),
+    "lora": ("W-lora",),
 }
 """Each section -> the workloads it measures: only those are generated and planned."""
 SECTIONS = tuple(NEEDS)
@@ -325,6 +326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     merge_reverse=False,
                 )
             )
+    if "lora" in sections:
+        w = "W-lora"
+        speed(bench, workloads[w], roots[w], shapes[w], merge_reverse=False, keep=True)
+        reference = bench.out / "converted"
+        checks.update(
+            memory_runs(bench, workloads[w], roots[w], shapes[w], reference, merge_reverse=False)
+        )
     plans = {}
     if "plan" in sections:
         plans = planning(bench, {name: roots[name] for name in NEEDS["plan"]})

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ms2hf.generator import GeneratorConfig, MoeConfig, generate
+from ms2hf.generator import GeneratorConfig, LoraConfig, MoeConfig, generate
 
 STAMP = "benchmark-workload.json"
 
@@ -64,10 +64,12 @@ def _workloads(
     note: str,
 ) -> dict[str, Workload]:
     """W (TP2 x PP2), its DP2 + optimizer-sharding variant, two smaller models for scaling
-    (layers and vocabulary shrink together, so the model bytes are about 1/4 and 1/2 of W), and
+    (layers and vocabulary shrink together, so the model bytes are about 1/4 and 1/2 of W),
     M64: a Qwen3-MoE with 64 experts per layer over 4 expert-parallel ranks, shaped as
     Qwen3-30B-A3B at half width when ``dims`` are 0.6B's (4 KV groups, ``moe_ffn`` 384 for 768),
-    each layer's grouped expert weights larger than the memory budget of the memcap runs."""
+    each layer's grouped expert weights larger than the memory budget of the memcap runs, and
+    W-lora: W as a LoRA fine-tune (rank 16 on every linear layer of every layer), whose
+    conversion merges 28 x 7 modules, three quarters of the weights."""
 
     def qwen(layers: int, vocab: int, **rest: object) -> GeneratorConfig:
         return GeneratorConfig(layers=layers, vocab=vocab, **{**dims, **rest})
@@ -97,6 +99,12 @@ def _workloads(
             ),
             Workload("S8", qwen(layers * 2 // 7, vocab // 4, **tp2pp2), f"{note}about 1/4 of W"),
             Workload("S14", qwen(layers // 2, vocab // 2, **tp2pp2), f"{note}about 1/2 of W"),
+            Workload(
+                "W-lora",
+                qwen(layers, vocab, **tp2pp2, lora=LoraConfig(rank=16, alpha=32)),
+                f"{note}W as a LoRA fine-tune: r 16 on q, k, v, o, gate, up, down; frozen "
+                "base without Adam states; converted to the merged model",
+            ),
             Workload(
                 "M64",
                 qwen(moe_layers, moe_vocab, groups=4, moe=moe, **sharded),
