@@ -17,11 +17,13 @@ import pytest
 from ms2hf.commands.convert import ConvertOptions, convert
 from ms2hf.commands.demo import mismatches
 from ms2hf.errors import Ms2hfError
-from ms2hf.generator import GeneratorConfig, LoraConfig, MoeConfig, generate
+from ms2hf.generator import Generated, GeneratorConfig, LoraConfig, MoeConfig, generate
 from ms2hf.io.config_files import read_train_config
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.strategy import load_strategy
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, load_tensors
+from tests.oracle import legacy
+from tests.oracle import lora as lora_oracle
 from tests.oracle.convert import hf_tensors
 from tests.oracle.convert import mismatches as oracle_mismatches
 from tests.oracle.files import read_tensors
@@ -95,6 +97,26 @@ def config_of(fixture: Path) -> GeneratorConfig:
     )
 
 
+def oracle_reading(generated: Generated) -> dict[str, np.ndarray]:
+    """The Hugging Face tensors the oracle reads from the rank files; for a LoRA fine-tune, the
+    base model's and the LoRA per Hugging Face module (its adapter's, PEFT's prefix dropped)."""
+    lora = generated.config.lora
+    if lora is None:
+        return hf_tensors(generated.root)
+    mcore = legacy.reassemble(generated.root)
+    tensors, _ = lora_oracle.adapter(mcore, lora.alpha)
+    prefix = lora_oracle.PEFT_PREFIX
+    return {
+        **lora_oracle.base_model(mcore),
+        **{name.removeprefix(prefix): t for name, t in tensors.items()},
+    }
+
+
+def expected_tensors(generated: Generated) -> dict[str, np.ndarray]:
+    extra = generated.expected_lora
+    return {**read_tensors(generated.expected), **(read_tensors(extra) if extra.is_file() else {})}
+
+
 def rank_file(checkpoint: Path, rank: int) -> Path:
     (path,) = (checkpoint / f"rank_{rank}").glob("*.safetensors")
     return path
@@ -116,7 +138,7 @@ def test_rank_files_match_the_fixture_structure(name: str, tmp_path: Path) -> No
             (t.name, t.dtype, t.shape) for t in want.tensors.values()
         ], f"rank {rank}"
     # The values in them are where SPEC says, by the independent oracle.
-    assert oracle_mismatches(hf_tensors(generated.root), read_tensors(generated.expected)) == []
+    assert oracle_mismatches(oracle_reading(generated), expected_tensors(generated)) == []
 
 
 @pytest.mark.parametrize("name", FIXTURES)

@@ -7,6 +7,7 @@ naming the parameter (or the source of alpha) and exit status 2."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from ms2hf.commands.inspect import inspect
 from ms2hf.commands.inspect_text import inspect_text
 from ms2hf.commands.merge import MergeOptions, merge
 from ms2hf.commands.reverse import reverse
+from ms2hf.io.safetensors_writer import ShardWriter
 from ms2hf.io.sources.legacy import plan_source
 from tests.conftest import DATA, folder_bytes, load_hf_dir, load_tensors
 from tests.conftest import run_cli as run
@@ -77,7 +79,7 @@ def test_merged_model_is_the_ground_truth_in_fp32_and_bf16(fixture: Path, tmp_pa
 def test_adapter_is_the_ground_truth_byte_for_byte(fixture: Path, tmp_path: Path) -> None:
     out = tmp_path / "adapter"
     ms2hf.convert(fixture, out, lora="adapter", dtype="source", progress=False)
-    assert sorted(folder_bytes(out)) == ADAPTER_FILES
+    assert sorted(p.name for p in out.iterdir()) == ADAPTER_FILES  # no run record left either
     for name in ADAPTER_FILES:
         assert (out / name).read_bytes() == (
             fixture / "ground_truth" / "adapter" / name
@@ -118,7 +120,7 @@ def test_base_model_name_and_the_python_api(tmp_path: Path) -> None:
     ms2hf.convert(TINY, tmp_path, lora="adapter", base_model="Qwen/Qwen3-0.6B", progress=False)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "Qwen/Qwen3-0.6B"
-    with pytest.raises(ms2hf.Ms2hfError, match="lora = 'peft'; expected one of merged"):
+    with pytest.raises(ms2hf.Ms2hfError, match="option lora='peft': expected one of merged"):
         ms2hf.convert(TINY, tmp_path / "x", lora="peft", progress=False)
 
 
@@ -473,23 +475,49 @@ def test_inspect_shows_rank_targets_and_alpha_with_its_origin(bare: Path) -> Non
     assert "convert would stop: lora_alpha is unknown" in inspect_text(without)
 
 
-def test_a_killed_merge_resumes_to_the_same_bytes(tmp_path: Path, bare: Path) -> None:
-    """The plan's fingerprint holds the scale: the same command reuses checked shards; another
-    alpha is another run."""
+def test_an_interrupted_merge_resumes_to_the_same_bytes(
+    tmp_path: Path, bare: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plan's fingerprint holds the scale: the same command keeps the merged shards an
+    interrupted run finished (sizes and digests checked) and ends byte-identical; another alpha
+    is another run."""
+    caplog.set_level(logging.INFO, logger="ms2hf")
     one_per_file = {"max_shard_size": 1, "memory_budget": 1 << 20, "progress": False}
     clean = tmp_path / "clean"
     ms2hf.convert(TINY, clean, workers=1, **one_per_file)
     out = tmp_path / "out"
+    commit, commits = ShardWriter.commit, [0]
+
+    def interrupted(writer: ShardWriter) -> str:
+        commits[0] += 1
+        if commits[0] > 10:
+            raise KeyboardInterrupt
+        return commit(writer)
+
+    monkeypatch.setattr(ShardWriter, "commit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ms2hf.convert(TINY, out, workers=1, **one_per_file)
+    monkeypatch.undo()
+    assert len(list(out.glob("model-*.safetensors"))) == 10
     ms2hf.convert(TINY, out, workers=2, **one_per_file)
-    shards = sorted(out.glob("model-*.safetensors"))
-    for path in shards[::3]:
-        path.unlink()
-    (out / "model.safetensors.index.json").unlink()
-    damaged = bytearray(shards[1].read_bytes())
-    damaged[-1] ^= 1
-    shards[1].write_bytes(bytes(damaged))
-    ms2hf.convert(TINY, out, workers=2, **one_per_file)
+    assert "resuming: 10 of 47 file(s) already complete" in caplog.text
     assert folder_bytes(out) == folder_bytes(clean)
     ms2hf.convert(bare, tmp_path / "alpha", lora_alpha=16, progress=False)
-    with pytest.raises(ms2hf.Ms2hfError, match="output of a different ms2hf run"):
+    with pytest.raises(ms2hf.Ms2hfError, match="finished ms2hf conversion"):
         ms2hf.convert(bare, tmp_path / "alpha", lora_alpha=32, progress=False)
+
+
+def test_an_adapter_and_a_model_never_share_a_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Loaders and uploads would take both weight sets: each refuses the other, touching
+    nothing."""
+    adapter, model = tmp_path / "adapter", tmp_path / "model"
+    ms2hf.convert(TINY, adapter, lora="adapter", progress=False)
+    ms2hf.convert(TINY, model, progress=False)
+    before = folder_bytes(adapter), folder_bytes(model)
+    line = fails(capsys, "convert", TINY, adapter, "--overwrite")
+    assert "holds another weight set (adapter_model.safetensors)" in line
+    line = fails(capsys, "convert", TINY, model, "--lora", "adapter", "--overwrite")
+    assert "holds another weight set (model.safetensors, model.safetensors.index.json)" in line
+    assert (folder_bytes(adapter), folder_bytes(model)) == before

@@ -315,7 +315,7 @@ def test_a_folded_scale_is_the_same_in_bands_of_any_height(rows_per_band: int) -
     row_cost = tensor.row_elements * (dtype.itemsize + 4)
     buffer = np.empty(rows_per_band * row_cost + 4, np.uint8)
     with MappedFiles() as mapped:
-        bands = assembled_bands(tensor, dtype, buffer, source.params[tensor.source], mapped)
+        bands = assembled_bands(tensor, dtype, buffer, source.params, mapped)
         got = b"".join(raw.tobytes() for _, _, raw in bands)
     truth = load_tensors(MOE / "ground_truth" / "hf_model.safetensors")[tensor.name]
     assert got == (truth.astype(np.float32) * np.float32(1.5)).astype(dtype).tobytes()
