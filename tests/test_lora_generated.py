@@ -1,7 +1,8 @@
 """LoRA fine-tunes the genuine fixtures do not show, made by the generator (whose LoRA runs are
 checked against the genuine ones in tests/test_generator.py): de-duplicated and optimizer-sharded
 saves, bf16, other fused layouts, ranks and alphas (a scale that is no power of two, an alpha the
-run's own file truncates), Qwen3-MoE with a dense layer, attention-only targets on a tied model.
+run's own file truncates), Qwen3-MoE with a dense layer, attention-only targets on a tied model,
+a de-duplicated Checkpoint 2.0 save.
 Each is judged in Hugging Face space by the oracle (tests/oracle/lora.py): the merged model is
 ``merge_weight`` of the generator's base tensors and LoRA tensors, the adapter is those LoRA
 tensors, the base model the base tensors; and from the rank files themselves, reassembled by the
@@ -21,7 +22,7 @@ import ms2hf
 from ms2hf.generator import Generated, GeneratorConfig, LoraConfig, MoeConfig, generate
 from ms2hf.generator.network import model_spec
 from tests.conftest import load_hf_dir, load_tensors
-from tests.oracle import legacy
+from tests.oracle import ckpt2, legacy
 from tests.oracle import lora as oracle
 from tests.oracle.convert import mismatches
 
@@ -43,6 +44,16 @@ CASES = {
         remove_redundancy=True,
         moe=MoeConfig(experts=4, moe_ffn=16, ep=2, mlp_only_layers=(0,)),
         lora=LoraConfig(),
+    ),
+    "ckpt2-dedup": replace(
+        SMALL,
+        tp=2,
+        dp=2,
+        pp=2,
+        opt_shard=-1,
+        remove_redundancy=True,
+        save_format="ckpt2",
+        lora=LoraConfig(rank=4, alpha=8),
     ),
     "attention-only-tied": replace(
         SMALL, tied=True, tp=2, pp=2, lora=LoraConfig(target_modules=".*linear_qkv|.*linear_proj")
@@ -179,7 +190,10 @@ def test_the_oracle_reading_the_rank_files_agrees(run: Generated, tmp_path: Path
     oracle's merge and adapter: ms2hf writes the same bytes."""
     lora = run.config.lora
     assert lora is not None
-    mcore = legacy.reassemble(run.root)
+    if run.config.save_format == "ckpt2":
+        mcore = ckpt2.reassemble(ckpt2.select_iteration(run.checkpoint_dir))
+    else:
+        mcore = legacy.reassemble(run.root)
     layouts = {
         "contiguous_qkv": run.config.contiguous_qkv,
         "interleaved_fc1": run.config.interleaved_fc1,
