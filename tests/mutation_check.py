@@ -137,6 +137,55 @@ MUTATIONS = (
         "            rank = min(holders[key][::-1], key=load.__getitem__)",
         "Checkpoint 2.0 generator: the balanced plan's ties go to the highest rank",
     ),
+    Mutation(
+        "lora-b-rows-contiguous",
+        "ms2hf/transforms/lora.py",
+        "dataclasses.replace(p, col_stop=rank) for p in tensor.pieces",
+        "dataclasses.replace(p, col_stop=rank, row_step=1) for p in tensor.pieces",
+        "LoRA: lora_B rows ignore the interleaved gate/up stride",
+    ),
+    Mutation(
+        "lora-scale-off",
+        "ms2hf/pipeline/lora.py",
+        "return float(self.alpha.value) / self.rank",
+        "return float(self.alpha.value) / (self.rank + 1)",
+        "LoRA: the scale is alpha / (r + 1)",
+    ),
+    Mutation(
+        "lora-no-certificate",
+        "ms2hf/transforms/lora_merge.py",
+        "peak *= (4 * rank + 8) * 2.0**-53",
+        "peak *= 0.0",
+        "LoRA merge: the BLAS product trusted without a bound",
+    ),
+    Mutation(
+        "lora-zero-sign",
+        "ms2hf/transforms/lora_merge.py",
+        "        unsure |= zero\n",
+        "",
+        "LoRA merge: a zero result's sign taken from the bounds",
+    ),
+    Mutation(
+        "lora-alpha-any-agrees",
+        "ms2hf/pipeline/lora.py",
+        "return a == b or (_from_run_file(other) and b == math.trunc(a))",
+        "return True",
+        "LoRA alpha: disagreeing sources accepted",
+    ),
+    Mutation(
+        "lora-short-targets",
+        "ms2hf/transforms/lora.py",
+        "for name in ((kind,) if every[kind] else tuple(modules))",
+        "for name in (kind,)",
+        "PEFT target_modules: short names even where other modules of that name have no LoRA",
+    ),
+    Mutation(
+        "lora-generator-a-not-shared",
+        "ms2hf/generator/lora.py",
+        "    Role.COLUMN: (Role.REPLICATED_LINEAR, Role.COLUMN),",
+        "    Role.COLUMN: (Role.COLUMN, Role.COLUMN),",
+        "LoRA generator: a column-parallel layer's lora_A split over tp",
+    ),
 )
 
 
