@@ -9,7 +9,6 @@ reads no tensor byte and its answer is exactly what a run would do.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -20,7 +19,7 @@ from typing import Any
 
 from ms2hf.commands.convert import ConvertOptions, gather_given, lora_request, plan_for
 from ms2hf.errors import FormatError, ModelError
-from ms2hf.io.config_files import ConfigValue
+from ms2hf.io.config_files import ConfigValue, read_json_object
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.io.safetensors_reader import SafetensorsHeader
@@ -448,11 +447,12 @@ _SHARD_NAME = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
 def _hf_files(path: Path) -> list[Path]:
     index = path / HF_INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            return [path / name for name in sorted(set(weight_map.values()))]
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise FormatError(f"{index}: not a valid safetensors index: {e}") from e
+        weight_map = read_json_object(index, "a safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) for v in weight_map.values()
+        ):
+            raise FormatError(f"{index}: no 'weight_map' of tensor names to file names")
+        return [path / name for name in sorted(set(weight_map.values()))]
     files = sorted(p for p in path.glob("*.safetensors") if _SHARD_NAME.match(p.name))
     return files or sorted(path.glob("*.safetensors"))
 
@@ -461,12 +461,7 @@ def _hf_config(path: Path) -> dict[str, ConfigValue]:
     config_path = path / HF_CONFIG
     if not config_path.is_file():
         return {}
-    try:
-        doc = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FormatError(f"{config_path}: not valid JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise FormatError(f"{config_path}: expected a JSON object")
+    doc = read_json_object(config_path, "a Hugging Face config.json")
     return {k: ConfigValue(v, HF_CONFIG) for k, v in sorted(doc.items())}
 
 

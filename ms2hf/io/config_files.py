@@ -39,6 +39,19 @@ Given = dict[str, ConfigValue]
 """Values given by the user's files and flags, under config.json names."""
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold one object (``what`` it should be, for the message)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read {what}: {e.strerror or e}") from e
+    except (ValueError, RecursionError) as e:
+        raise FormatError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise FormatError(f"{path}: expected a JSON object ({what})")
+    return doc
+
+
 ALIASES: dict[str, str] = {
     "num_layers": "num_hidden_layers",
     "num_hidden_layers": "num_hidden_layers",
@@ -151,14 +164,7 @@ REFERENCE_ALIASES: dict[str, str] = {"num_local_experts": "num_experts"}
 def read_reference_config(path: str | Path) -> Given:
     """Every entry of a Hugging Face ``config.json``, under the names ms2hf uses."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read the reference config: {e.strerror or e}") from e
-    except ValueError as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise FormatError(f"{path}: expected a JSON object (a Hugging Face config.json)")
+    doc = read_json_object(path, "a Hugging Face config.json")
     origin = f"reference {path.name}"
     out: Given = {
         REFERENCE_ALIASES.get(str(key), str(key)): ConfigValue(value, f"{origin}: {key}")
@@ -230,14 +236,7 @@ def read_run_adapter_config(path: str | Path) -> Given:
     yaml's regex split on ``|``) means nothing to PEFT and is not read. A file that says the run
     was not plain LoRA is refused: mindformers' layers compute plain LoRA only."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
-    except ValueError as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(doc, dict):
-        raise FormatError(f"{path}: expected a JSON object (a LoRA adapter config)")
+    doc = read_json_object(path, "a LoRA adapter config")
     peft_type = doc.get("peft_type", "LORA")
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise FormatError(f"{path}: peft_type is {peft_type!r}; only LORA runs are converted")

@@ -9,10 +9,10 @@ the map, so ``merge`` writes it and ``reverse`` reads it in both forms the old t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ms2hf.errors import FormatError
+from ms2hf.io.config_files import read_json_object
 
 PARAM_NAME_MAP = "param_name_map.json"
 HYPER_PARAM = "hyper_param.safetensors"
@@ -31,13 +31,8 @@ def unified_dir(output_dir: Path, step: str) -> Path:
 def read_param_name_map(path: Path) -> dict[str, str]:
     """``{parameter: file name}`` from a map in either form: ``{"weight_map": {...}}`` (what
     ``unified_safetensors`` writes) or the bare mapping (what older tools wrote)."""
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
-    except ValueError as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from e
-    mapping = doc.get("weight_map", doc) if isinstance(doc, dict) else None
+    doc = read_json_object(path, "a parameter name map")
+    mapping = doc.get("weight_map", doc)
     if not isinstance(mapping, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
     ):
