@@ -34,6 +34,7 @@ from ms2hf.errors import Ms2hfError
 from ms2hf.pipeline.engine.budget import parse_size
 from ms2hf.pipeline.given import parse_setting, settings
 from ms2hf.pipeline.lora import LORA_MODES
+from ms2hf.pipeline.parts import Part
 from ms2hf.pipeline.shards import SHARD_LAYOUTS
 from ms2hf.transforms.casts import TARGETS
 from ms2hf.transforms.registry import FAMILIES
@@ -216,6 +217,33 @@ def add_resource_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def part_arg(text: str) -> Part:
+    try:
+        return Part.parse(text)
+    except Ms2hfError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def add_scale_options(p: argparse.ArgumentParser) -> None:
+    """Spreading a run over several hosts: on a Ray cluster, or as parts of a job array."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="write on the Ray cluster at ADDRESS (auto: RAY_ADDRESS, or the cluster started on "
+        "this host; or HOST:PORT), whose hosts share the output folder; --memory-budget and "
+        "--workers are then each task's (needs pip install 'ms2hf[ray]')",
+    )
+    group.add_argument(
+        "--part",
+        type=part_arg,
+        metavar="I/N",
+        help="write only part I of N (1-based) of the output files, so that N jobs of a "
+        "scheduler array share the output folder; then run the same command without --part "
+        "to check the parts and finish",
+    )
+
+
 def hf_options(args: argparse.Namespace) -> ConvertOptions:
     """What ``add_hf_options``, ``add_config_option`` and ``--step`` set: what to write."""
     return ConvertOptions(
@@ -243,6 +271,8 @@ def run_fields(args: argparse.Namespace) -> dict[str, Any]:
         "progress": not args.quiet,
         "strict": args.strict,
         "check_replicas": getattr(args, "check_replicas", False),
+        "ray": getattr(args, "ray", None),
+        "part": getattr(args, "part", None),
     }
 
 
@@ -277,6 +307,7 @@ def _add_convert(sub: Subcommands) -> Handler:
     )
     _add_step(p)
     add_run_options(p)
+    add_scale_options(p)
     add_check_replicas_option(p)
     _add_json(p, "print the run's report (files, bytes, seconds, GB/s, peak memory) as JSON")
     _add_verbosity(p)

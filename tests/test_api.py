@@ -104,10 +104,11 @@ def test_public_names_resolve_and_unknown_names_fail() -> None:
 
 def test_convert_start_up_imports_only_what_convert_needs() -> None:
     """Start-up is part of every conversion's time: the command line must not import the other
-    commands' modules, nor PyYAML when no yaml is given."""
+    commands' modules, nor PyYAML when no yaml is given, nor Ray unless --ray is given."""
     code = (
         "import sys, ms2hf.cli; "
-        "print(sorted(m for m in ('yaml', 'ms2hf.api', 'ms2hf.commands.inspect', "
+        "print(sorted(m for m in ('yaml', 'ray', 'ms2hf.pipeline.executors.ray', "
+        "'ms2hf.api', 'ms2hf.commands.inspect', "
         "'ms2hf.commands.verify', 'ms2hf.commands.reverse', 'ms2hf.commands.inspect_text', "
         "'ms2hf.commands.demo', 'ms2hf.generator') "
         "if m in sys.modules))"

@@ -24,7 +24,6 @@ from ms2hf.io.sources.plan import SourcePlan
 from ms2hf.io.tokenizer_files import find_tokenizer_files, same_file, usability_notes
 from ms2hf.io.unified_format import PARAM_NAME_MAP
 from ms2hf.pipeline.engine.budget import format_size
-from ms2hf.pipeline.engine.execute import SmallFile
 from ms2hf.pipeline.engine.output_dir import ADAPTER_FOLDER, HF_FOLDER
 from ms2hf.pipeline.given import given_values, origin_lines
 from ms2hf.pipeline.lora import (
@@ -38,6 +37,7 @@ from ms2hf.pipeline.lora import (
 from ms2hf.pipeline.plan import HfPlan, plan_hf_checkpoint
 from ms2hf.pipeline.run import (
     RunOptions,
+    SmallFile,
     as_path,
     check_positive,
     jsonable,
@@ -257,15 +257,15 @@ def write_hf_checkpoint(
         kind=kind,
         inputs=inputs,
     )
-    notes = [] if plan.adapter else usability_notes(out_dir)
+    notes = [] if plan.adapter or options.part else usability_notes(out_dir)
     for note in notes:
         log.info("note: %s", note)
     return ConvertReport(
         output_dir=out_dir,
         model_type=model.model_type,
-        files=[f.name for f in plan.files],
-        tensors=len(plan.weight_map),
-        bytes_written=plan.nbytes,
+        files=stats.files,
+        tensors=stats.tensors,
+        bytes_written=stats.bytes_written,
         bytes_read=stats.bytes_read,
         seconds=stats.seconds,
         config_origins={k: v.origin for k, v in model.config.items()},

@@ -34,11 +34,10 @@ from ms2hf.io.unified_format import (
     unified_dir,
 )
 from ms2hf.pipeline.engine.budget import format_size
-from ms2hf.pipeline.engine.execute import SmallFile
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, UNIFIED_FOLDER
 from ms2hf.pipeline.lora import RUN_ADAPTER_CONFIG, run_adapter_config
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
-from ms2hf.pipeline.run import RunOptions, as_path, check_positive, run_plan
+from ms2hf.pipeline.run import RunOptions, SmallFile, as_path, check_positive, run_plan
 from ms2hf.transforms import pieces
 from ms2hf.transforms.lora import is_lora_name
 from ms2hf.transforms.registry import hf_model

@@ -76,19 +76,24 @@ def layout_shard(entries: Sequence[TensorEntry], metadata: Mapping[str, str]) ->
 PARTIAL_SUFFIX = ".ms2hf-partial"
 
 
-def temporary_name(path: Path) -> Path:
-    """Where ``path`` is written until complete: hidden, and never matching ``*.safetensors``."""
-    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+def temporary_name(path: Path, attempt: str = "") -> Path:
+    """Where ``path`` is written until complete: hidden, and never matching ``*.safetensors``;
+    with ``attempt``, a name no other attempt at the same file uses (hosts writing into a shared
+    folder, a retried task while the first attempt may still run)."""
+    tag = f".{attempt}" if attempt else ""
+    return path.with_name(f".{path.name}{tag}{PARTIAL_SUFFIX}")
 
 
 class ShardWriter:
     """One output file being written: each tensor's bytes front to back (tensors in any order,
     from any thread), then ``commit``."""
 
-    def __init__(self, path: str | os.PathLike[str], layout: ShardLayout) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], layout: ShardLayout, attempt: str = ""
+    ) -> None:
         self.path = Path(path)
         self.layout = layout
-        self.temporary = temporary_name(self.path)
+        self.temporary = temporary_name(self.path, attempt)
         self._written = {e.name: 0 for e in layout.entries}
         self._checksums = {e.name: shard_digest.TensorChecksum() for e in layout.entries}
         try:

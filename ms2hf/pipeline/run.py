@@ -12,20 +12,30 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
 
-from ms2hf.errors import Ms2hfError
+from ms2hf.errors import Ms2hfError, OutputError
 from ms2hf.io.mapped import MappedFiles
+from ms2hf.io.safetensors_writer import ShardLayout, layout_shard
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
 from ms2hf.pipeline.engine.checks import FiniteCheck, check_replicas
-from ms2hf.pipeline.engine.execute import Index, SmallFile, write_files
+from ms2hf.pipeline.engine.execute import BandCheck, WriteTask
+from ms2hf.pipeline.engine.fingerprint import fingerprint
 from ms2hf.pipeline.engine.memory import MemorySampler, peak_rss_bytes
-from ms2hf.pipeline.engine.output_dir import HF_FOLDER, FolderKind, prepare_output_dir
+from ms2hf.pipeline.engine.output_dir import (
+    HF_FOLDER,
+    FolderKind,
+    claim_output_dir,
+    prepare_output_dir,
+)
 from ms2hf.pipeline.engine.progress import Progress
+from ms2hf.pipeline.executors import Executor, Reads
+from ms2hf.pipeline.executors.local import LocalExecutor
+from ms2hf.pipeline.parts import Part
 from ms2hf.pipeline.plan import PlannedFile
 
 log = logging.getLogger("ms2hf")
@@ -48,6 +58,12 @@ class RunOptions:
     """Read every replica of every block and require it to match the copy used."""
     record_reads: bool = False
     """Keep every byte range the run reads, to prove what was read (tests)."""
+    ray: str | None = None
+    """Write on the Ray cluster at this address (``auto``: ``RAY_ADDRESS`` or the cluster
+    running here), whose hosts share the output folder (``ms2hf.pipeline.executors.ray``);
+    ``memory_budget`` and ``workers`` are then each task's."""
+    part: Part | None = None
+    """Write only this part of the files (``ms2hf.pipeline.parts``), beside the other parts."""
 
     def __post_init__(self) -> None:
         """Options come from scripts as much as from the command line: a wrong type or value is
@@ -59,6 +75,17 @@ class RunOptions:
         for name in ("overwrite", "progress", "strict", "check_replicas", "record_reads"):
             if not isinstance(getattr(self, name), bool):
                 raise option_error(name, getattr(self, name), "True or False")
+        part: object = self.part
+        if isinstance(part, str):
+            object.__setattr__(self, "part", Part.parse(part))
+        elif part is not None and not isinstance(part, Part):
+            raise option_error("part", part, "a Part, 'I/N', or None")
+        if self.ray is not None and (not isinstance(self.ray, str) or not self.ray.strip()):
+            raise option_error("ray", self.ray, "a Ray address, 'auto', or None")
+        if self.ray is not None and self.part is not None:
+            raise option_error(
+                "part", self.part, "None with ray: a Ray run spreads every file over the cluster"
+            )
 
 
 def _positive_int(value: object) -> bool:
@@ -88,8 +115,26 @@ def as_path(options: object, *names: str) -> None:
 
 
 @dataclass(frozen=True)
+class SmallFile:
+    """A file written whole once every shard is in place (config, index): ``write(path)``
+    must write it atomically (``ms2hf.io.hf_output``)."""
+
+    name: str
+    write: Callable[[Path], None]
+
+
+Index = Mapping[str, Any]
+"""The document a run writes last under its folder kind's index name (``model.safetensors.
+index.json``, ``param_name_map.json``): its presence means the set is complete."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by the user after it claimed its folder: the message says what is kept."""
+
+
+@dataclass(frozen=True)
 class RunStats:
-    """What a run read, held and took."""
+    """What a run read, wrote, held and took."""
 
     bytes_read: int
     seconds: float
@@ -97,8 +142,30 @@ class RunStats:
     """The process's largest resident size, page cache of the mapped inputs included."""
     peak_anonymous_bytes: int
     """The largest anonymous resident size sampled while writing: what the run itself held."""
+    files: list[str] = field(default_factory=list)
+    """The files this run is responsible for: all of the plan's, or its part's."""
+    tensors: int = 0
+    bytes_written: int = 0
     read_ranges: list[tuple[Path, int, int]] = field(default_factory=list)
     """Distinct ``(file, start, end)`` ranges read, when ``record_reads`` was on."""
+
+
+def executor_for(options: RunOptions) -> Executor:
+    """The local executor, or the Ray executor (Ray imported only then)."""
+    if options.ray is None:
+        return LocalExecutor(options.record_reads)
+    from ms2hf.pipeline.executors.ray import RayExecutor
+
+    return RayExecutor(options.ray)
+
+
+def run_budget(options: RunOptions) -> MemoryBudget:
+    """Buffers and threads: this host's, or each Ray task's."""
+    if options.ray is None:
+        return MemoryBudget.resolve(options.memory_budget, options.workers)
+    from ms2hf.pipeline.executors.ray import task_budget
+
+    return task_budget(options.memory_budget, options.workers)
 
 
 def run_plan(
@@ -116,59 +183,129 @@ def run_plan(
 ) -> RunStats:
     """Check the replicas if asked, then write ``files`` (reading ``params``), the small files
     ``then`` and the index into ``out_dir``; nothing is created before the checks pass.
-    ``inputs`` are the files besides the source's that the run reads: never removed."""
+    ``inputs`` are the files besides the source's that the run reads: never removed. With
+    ``options.part``, only that part's files are written, and neither ``then`` nor the index."""
     started = time.perf_counter()
     if options.check_replicas:
         with MappedFiles() as mapped:
             check_replicas(source, mapped)
     prepare_output_dir(out_dir, options.overwrite, kind)
-    budget = MemoryBudget.resolve(options.memory_budget, options.workers)
-    total = sum(f.nbytes for f in files)
+    executor = executor_for(options)
+    budget = run_budget(options)
+    mine = options.part.files(files) if options.part else list(files)
+    total = sum(f.nbytes for f in mine)
+    where = f"part {options.part}: " if options.part else ""
+    how = f"on Ray at {options.ray}, per task: " if options.ray else ""
     log.info(
-        "%s: %s in %d file(s); budget %s, %d worker(s)",
+        "%s: %s%s in %d file(s); %sbudget %s, %d worker(s)",
         label,
+        where,
         format_size(total),
-        len(files),
+        len(mine),
+        how,
         format_size(budget.total),
         budget.workers,
     )
     with (
+        executor.session(budget),
         MemorySampler() as memory,
-        MappedFiles() as mapped,
         Progress(total, label, options.progress) as progress,
     ):
-        mapped.record = options.record_reads
-        write_files(
-            out_dir,
-            files,
-            params,
-            metadata,
-            budget,
-            progress,
-            mapped,
-            FiniteCheck(options.strict),
-            then=then,
-            index=index,
-            overwrite=options.overwrite,
-            kind=kind,
-            inputs=[*inputs, *(f.path for f in source.files)],
-        )
-    for f in files:
+        run = _Writing(out_dir, files, params, metadata, options, kind, executor, budget)
+        reads = run.write(then, index, inputs, progress)
+    for f in mine:
         log.debug("  %s: %d tensors, %s", f.name, len(f.tensors), format_size(f.nbytes))
     log.debug(
         "%s: read %s from %d source file(s); peak %s anonymous",
         label,
-        format_size(mapped.bytes_viewed),
+        format_size(reads.bytes_read),
         len(source.files),
         format_size(memory.peak_anonymous),
     )
+    if options.part:
+        log.info(
+            "part %s written; once every part is, the same command without --part checks "
+            "them and finishes (%s)",
+            options.part,
+            ", ".join([*(s.name for s in then), kind.index]),
+        )
     return RunStats(
-        bytes_read=mapped.bytes_viewed,
+        bytes_read=reads.bytes_read,
         seconds=time.perf_counter() - started,
         peak_rss_bytes=peak_rss_bytes(),
         peak_anonymous_bytes=memory.peak_anonymous,
-        read_ranges=sorted(set(mapped.ranges)),
+        files=[f.name for f in mine],
+        tensors=sum(len(f.tensors) for f in mine),
+        bytes_written=total,
+        read_ranges=reads.ranges,
     )
+
+
+@dataclass(frozen=True)
+class _Writing:
+    """A planned run about to write into its folder."""
+
+    folder: Path
+    files: Sequence[PlannedFile]
+    params: Mapping[str, SourceParam]
+    metadata: Mapping[str, str]
+    options: RunOptions
+    kind: FolderKind
+    executor: Executor
+    budget: MemoryBudget
+
+    def write(
+        self, then: Sequence[SmallFile], index: Index, inputs: Sequence[Path], progress: Progress
+    ) -> Reads:
+        """Claim the folder (resuming an unfinished run of the same plan), have the executor
+        write the files still missing, then the small files and the index, last; on failure,
+        leave none of the files half-written, and say that rerunning resumes."""
+        layouts = {
+            f.name: layout_shard([t.entry for t in f.tensors], self.metadata) for f in self.files
+        }
+        check: BandCheck = FiniteCheck(self.options.strict)
+        run_fingerprint = fingerprint(self.files, self.params, self.metadata, check)
+        part = self.options.part
+        mine = part.files(self.files) if part else list(self.files)
+        sizes = {f.name: layouts[f.name].size for f in mine}
+        names = [] if part else [s.name for s in then]
+        identify = part is not None or self.executor.remote
+        with claim_output_dir(
+            self.folder, run_fingerprint, sizes, names, self.options.overwrite, self.kind,
+            inputs, part, identify,
+        ) as output:  # fmt: skip
+            pending = [f for f in mine if f.name not in output.finished]
+            if len(pending) < len(mine):
+                log.info(
+                    "resuming: %d of %d file(s) already complete in %s (checked)",
+                    len(mine) - len(pending),
+                    len(mine),
+                    self.folder,
+                )
+                progress.advance(sum(f.nbytes for f in mine if f.name in output.finished))
+            task = self._task(pending, layouts, check)
+            try:
+                reads = self.executor.write(task, output, progress) if pending else Reads()
+                if part:
+                    return reads
+                output.sweep()
+                for small in then:
+                    small.write(self.folder / small.name)
+                output.finish(self.kind, index)
+                return reads
+            except OutputError as e:
+                raise OutputError(f"{e}; {output.progress} once the cause is fixed") from e
+            except KeyboardInterrupt as e:
+                raise Interrupted(f"no partial file was left behind; {output.progress}") from e
+
+    def _task(
+        self,
+        files: Sequence[PlannedFile],
+        layouts: Mapping[str, ShardLayout],
+        check: BandCheck,
+    ) -> WriteTask:
+        whole = WriteTask(self.folder, tuple(files), layouts, self.params, check, self.budget)
+        return whole.only(files)
 
 
 def jsonable(value: Any) -> Any:

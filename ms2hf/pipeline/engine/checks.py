@@ -101,6 +101,10 @@ class FiniteCheck:
     _warned: set[str] = field(default_factory=set, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
+    def __reduce__(self) -> tuple[type[FiniteCheck], tuple[bool]]:
+        """A fresh check on another host (a Ray task): what was warned here stays here."""
+        return FiniteCheck, (self.strict,)
+
     def __call__(
         self, planned: PlannedTensor, band: np.ndarray, in_source: Callable[[], bool]
     ) -> None:

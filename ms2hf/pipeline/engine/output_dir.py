@@ -44,11 +44,14 @@ from ms2hf.io.safetensors_writer import PARTIAL_SUFFIX
 from ms2hf.io.shard_digest import file_digest
 from ms2hf.io.tokenizer_files import same_file
 from ms2hf.io.unified_format import HYPER_PARAM, PARAM_NAME_MAP
+from ms2hf.pipeline.parts import Part
 
 log = logging.getLogger("ms2hf")
 
 RUN_RECORD = ".ms2hf-run.json"
 RECORD_FORMAT = 1
+IDENTITY = "identity"
+"""Under a record: ``{shard: [size, inode, mtime_ns]}`` of shards written on other hosts."""
 FINISHED_KEY = "ms2hf"
 """Under the index's ``metadata``: ``{"digests": {shard: digest}}`` of a finished run."""
 _SHOWN = 3
@@ -112,7 +115,8 @@ ADAPTER_FOLDER = FolderKind(
 
 
 class OutputRun:
-    """An output folder claimed by one run, and the shards already finished in it."""
+    """An output folder claimed by one run (or one part of a run), and the shards already
+    finished in it."""
 
     def __init__(
         self,
@@ -121,6 +125,9 @@ class OutputRun:
         shards: Mapping[str, int],
         then: Sequence[str],
         finished: dict[str, str],
+        part: Part | None = None,
+        identify: bool = False,
+        identities: dict[str, list[int]] | None = None,
     ) -> None:
         self.folder = folder
         self.fingerprint = fingerprint
@@ -128,27 +135,39 @@ class OutputRun:
         self.then = tuple(then)
         self.finished = finished
         """Shard name -> digest, for every shard complete on disk (reused or written now)."""
+        self.part = part
+        self.identify = identify
+        """Record each committed shard's identity too (``IDENTITY``): shards written on other
+        hosts (parts, Ray tasks) are then trusted by it instead of read back."""
+        self.identities = dict(identities or {})
         self.complete = False
+        self.path = folder / (part_record_name(part) if part else RUN_RECORD)
         self._lock = threading.Lock()
 
     def record(self, name: str, digest: str) -> None:
         """Note a committed shard, so that a rerun after a kill can reuse it."""
+        identity = _identity(self.folder / name) if self.identify else None
         with self._lock:
             self.finished[name] = digest
+            if identity is not None:
+                self.identities[name] = identity
             self.save()
 
     def save(self) -> None:
-        write_json(
-            self.folder / RUN_RECORD,
-            {
-                "ms2hf_run": RECORD_FORMAT,
-                "fingerprint": self.fingerprint,
-                "shards": dict(sorted(self.shards.items())),
-                "then": list(self.then),
-                "finished": dict(sorted(self.finished.items())),
-                "complete": self.complete,
-            },
-        )
+        doc: dict[str, Any] = {
+            "ms2hf_run": RECORD_FORMAT,
+            "fingerprint": self.fingerprint,
+            "shards": dict(sorted(self.shards.items())),
+            "then": list(self.then),
+            "finished": dict(sorted(self.finished.items())),
+            "complete": self.complete,
+        }
+        identities = {n: i for n, i in self.identities.items() if n in self.finished}
+        if identities:
+            doc[IDENTITY] = dict(sorted(identities.items()))
+        if self.part is not None:
+            doc["part"] = [self.part.index, self.part.count]
+        write_json(self.path, doc)
 
     def finish(self, kind: FolderKind, document: Mapping[str, Any]) -> None:
         """Write the index, last. A folder to publish gets the shards' digests in the index's
@@ -169,33 +188,65 @@ class OutputRun:
     def digests(self) -> dict[str, str]:
         return dict(sorted(self.finished.items()))
 
+    def sweep(self) -> None:
+        """Remove the temporary files of attempts that died (a Ray task killed midway leaves
+        its own): called with every file committed, by a run holding the folder alone."""
+        for name in sorted(os.listdir(self.folder)):
+            if _partial(name):
+                _unlink(self.folder / name)
+
     @property
     def progress(self) -> str:
         """How far the run got, and how to go on: for messages about an interrupted run."""
+        again = f"the same command (--part {self.part})" if self.part else "the same command"
         return (
             f"{len(self.finished)} of {len(self.shards)} file(s) finished and kept in "
-            f"{self.folder}; run the same command again to resume"
+            f"{self.folder}; run {again} again to resume"
         )
 
 
-def _lock(folder: Path) -> int:
+def _lock(folder: Path, shared: bool) -> int:
+    """Hold the folder for the run: exclusively, or shared with the other parts of one run."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
         raise OutputError(f"{folder}: cannot open the output folder: {e.strerror or e}") from e
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise OutputError(f"{folder}: another ms2hf run is writing into this folder") from None
+        what = (
+            "a run without --part is writing into this folder"
+            if shared
+            else "another ms2hf run is writing into this folder (a run, or parts of one: --part)"
+        )
+        raise OutputError(f"{folder}: {what}") from None
     except OSError:
         pass  # a file system without locks (some network mounts): run without the guard
     return fd
 
 
-def read_run_record(folder: Path) -> dict[str, Any] | None:
-    """An unfinished run's record; None when there is none; ``{}`` when it is unreadable."""
-    path = folder / RUN_RECORD
+_PART_RECORD = re.compile(r"^\.ms2hf-run\.part-(\d+)-of-(\d+)\.json$")
+
+
+def part_record_name(part: Part) -> str:
+    """The record of one part of a run (``--part``): one per part, so parts never write the
+    same file."""
+    return f".ms2hf-run.part-{part.index}-of-{part.count}.json"
+
+
+def part_records(folder: Path) -> list[str]:
+    """The part records in ``folder``, by name."""
+    try:
+        return sorted(name for name in os.listdir(folder) if _PART_RECORD.match(name))
+    except OSError:
+        return []
+
+
+def read_run_record(folder: Path, name: str = RUN_RECORD) -> dict[str, Any] | None:
+    """An unfinished run's record (or a part's, by its name); None when there is none; ``{}``
+    when it is unreadable."""
+    path = folder / name
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -210,7 +261,12 @@ def read_run_record(folder: Path) -> dict[str, Any] | None:
         and isinstance(doc.get("then"), list)
         and isinstance(doc.get("finished"), dict)
         and isinstance(doc.get("complete", False), bool)
+        and isinstance(doc.get(IDENTITY, {}), dict)
         and all(_plain_name(n) for n in [*doc["shards"], *doc["then"], *doc["finished"]])
+        and all(
+            isinstance(v, list) and len(v) == 3 and all(type(x) is int for x in v)
+            for v in doc.get(IDENTITY, {}).values()
+        )
     )
     return doc if valid else {}
 
@@ -271,7 +327,7 @@ def prepare_output_dir(folder: Path, overwrite: bool, kind: FolderKind = HF_FOLD
             "would take beside (or instead of) the converted one; move it away or choose "
             "another folder"
         )
-    if overwrite or (folder / RUN_RECORD).exists():
+    if overwrite or (folder / RUN_RECORD).exists() or part_records(folder):
         return
     if read_finished(folder, kind.index) is not None:
         raise OutputError(
@@ -283,10 +339,27 @@ def prepare_output_dir(folder: Path, overwrite: bool, kind: FolderKind = HF_FOLD
         raise _refuse(folder, f"folder is not empty ({_shown(foreign)}) and was not made by ms2hf")
 
 
-def _reusable(folder: Path, name: str, size: int, digest: object) -> bool:
-    path = folder / name
+def _identity(path: Path) -> list[int] | None:
+    """``[size, inode, modification time]``: what changes when a file is replaced or written."""
     try:
-        return path.stat().st_size == size and file_digest(path) == digest
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_ino, st.st_mtime_ns]
+
+
+def _reusable(folder: Path, name: str, size: int, digest: object, identity: object) -> bool:
+    """A finished shard still in place: its identity as recorded at commit (shards written on
+    other hosts, whose rereading would cost one host what the run spread over many), else its
+    size and recomputed digest."""
+    path = folder / name
+    now = _identity(path)
+    if now is None or now[0] != size:
+        return False
+    if identity is not None and now == identity:
+        return True
+    try:
+        return file_digest(path) == digest
     except (OSError, Ms2hfError):
         return False
 
@@ -303,6 +376,41 @@ def _inputs_here(folder: Path, inputs: Sequence[Path]) -> set[str]:
     return {path.name for path in inputs if same_file(path, folder / path.name)}
 
 
+@dataclass(frozen=True)
+class _Earlier:
+    """What the records in a folder say of earlier runs (or parts) of this plan and others."""
+
+    main: dict[str, Any] | None
+    """The record of a run without parts: None when absent, ``{}`` when unreadable."""
+    parts: dict[str, dict[str, Any]]
+    """Part records by name (unreadable ones left out: nothing in them is trusted)."""
+
+    @classmethod
+    def read(cls, folder: Path) -> _Earlier:
+        parts = {name: read_run_record(folder, name) for name in part_records(folder)}
+        return cls(read_run_record(folder), {n: d for n, d in parts.items() if d})
+
+    def records(self) -> list[dict[str, Any]]:
+        return [d for d in (self.main, *self.parts.values()) if d]
+
+    def finished(self, fingerprint: str) -> tuple[dict[str, str], dict[str, list[int]]]:
+        """Digests and identities of the shards finished by runs (or parts) of ``fingerprint``."""
+        digests: dict[str, str] = {}
+        identities: dict[str, list[int]] = {}
+        for doc in self.records():
+            if doc["fingerprint"] == fingerprint:
+                digests.update(doc["finished"])
+                identities.update(doc.get(IDENTITY, {}))
+        return digests, identities
+
+    def others(self, fingerprint: str) -> list[dict[str, Any]]:
+        return [d for d in self.records() if d["fingerprint"] != fingerprint]
+
+    def shards(self) -> set[str]:
+        """Every shard any record names."""
+        return {name for doc in self.records() for name in doc["shards"]}
+
+
 @contextmanager
 def claim_output_dir(
     folder: Path,
@@ -312,37 +420,44 @@ def claim_output_dir(
     overwrite: bool,
     kind: FolderKind = HF_FOLDER,
     inputs: Sequence[Path] = (),
+    part: Part | None = None,
+    identify: bool = False,
 ) -> Iterator[OutputRun]:
     """Make ``folder`` ready for a run writing ``shards`` (name -> size), then the files
-    ``then`` and the index; keep the shards an unfinished run of the same plan finished.
-    ``folder`` must have been accepted by ``prepare_output_dir``; it stays locked until the
-    context exits. ``inputs`` are files the run reads: never removed, never overwritten by a
-    shard."""
-    lock_fd = _lock(folder)
+    ``then`` and the index; keep the shards an unfinished run (or the parts of one) of the same
+    plan finished. ``folder`` must have been accepted by ``prepare_output_dir``; it stays locked
+    until the context exits. ``inputs`` are files the run reads: never removed, never
+    overwritten by a shard.
+
+    With ``part``, only that part's ``shards`` are written: the folder is shared with the other
+    parts, so nothing another part may be writing is touched (no stale file is removed but an
+    earlier index), and the part keeps its own record. A run without ``part`` takes over the
+    parts' records: their shards count as finished here, and the index is written at the end.
+    ``identify`` records the identity of each shard committed (written on another host)."""
+    lock_fd = _lock(folder, shared=part is not None)
     try:
-        previous = read_run_record(folder)
-        if previous == {} and not overwrite:
+        earlier = _Earlier.read(folder)
+        if earlier.main == {} and not overwrite:
             raise _refuse(folder, f"its ms2hf run record {RUN_RECORD} is unreadable")
-        same = bool(previous) and previous is not None and previous["fingerprint"] == fingerprint
-        if previous and not same and previous.get("complete") and not overwrite:
+        finished_runs = [d for d in earlier.others(fingerprint) if d.get("complete")]
+        if finished_runs and not overwrite:
             raise _refuse(
                 folder, "it holds the output of a different ms2hf run (other inputs or options)"
             )
-        if previous and not same and not previous.get("complete"):
+        if earlier.others(fingerprint):
             log.info(
                 "note: %s holds the unfinished output of an earlier run with other inputs or "
-                "options; it is replaced",
+                "options; %s",
                 folder,
+                "the run without --part that finishes replaces it" if part else "it is replaced",
             )
-        finished = (
-            {
-                name: digest
-                for name, digest in previous["finished"].items()
-                if name in shards and _reusable(folder, name, shards[name], digest)
-            }
-            if same and previous
-            else {}
-        )
+        digests, identities = earlier.finished(fingerprint)
+        finished = {
+            name: digest
+            for name, digest in digests.items()
+            if name in shards
+            and _reusable(folder, name, shards[name], digest, identities.get(name))
+        }
         names = sorted(p.name for p in folder.iterdir())
         read = _inputs_here(folder, inputs)
         clobbered = sorted(read & set(shards))
@@ -351,11 +466,28 @@ def claim_output_dir(
                 f"{folder}: {_shown(clobbered)} would be overwritten by a shard, but this run "
                 "reads it; choose another output folder"
             )
-        earlier = previous["shards"] if previous else {}
+        run = OutputRun(
+            folder,
+            fingerprint,
+            shards,
+            then,
+            finished,
+            part,
+            identify,
+            {n: i for n, i in identities.items() if n in finished},
+        )
+        if part is not None:
+            run.save()  # first: the folder is an unfinished ms2hf run's from now on
+            main = earlier.main
+            if not (main and main.get("complete") and main["fingerprint"] == fingerprint):
+                _unlink(folder / kind.index)  # an earlier set's index must not describe this one
+            yield run
+            return
+        named = earlier.shards()
         stale = [
             n
             for n in names
-            if n not in read and n not in finished and (kind.own(n) or n in earlier or _partial(n))
+            if n not in read and n not in finished and (kind.own(n) or n in named or _partial(n))
         ]
         for name in stale:
             _unlink(folder / name)
@@ -364,8 +496,11 @@ def claim_output_dir(
             log.info(
                 "removed from %s (an earlier weight set ms2hf names): %s", folder, ", ".join(gone)
             )
-        run = OutputRun(folder, fingerprint, shards, then, finished)
         run.save()
+        for name in earlier.parts:  # taken over: the run's own record now holds what they did
+            _unlink(folder / name)
+        for name in set(part_records(folder)) - set(earlier.parts):
+            _unlink(folder / name)  # unreadable
         yield run
     finally:
         os.close(lock_fd)  # releases the lock
