@@ -21,6 +21,7 @@ from benchmarks import jobs, measure
 from benchmarks.bench import Bench, Case, Step
 from benchmarks.floor import MODES as FLOOR_MODES
 from benchmarks.machine import describe
+from benchmarks.ranks import evaluate_ranks, measure_ranks, print_ranks, rank_workloads
 from benchmarks.report import (
     MEMCAP_LIMIT,
     MEMORY_BUDGET,
@@ -52,6 +53,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "ckpt2": ("W-ckpt2", "W-ckpt2-dedup"),
     "plan": ("P4096", "P4096-dedup"),
     "lora": ("W-lora",),
+    "ranks": ("R512", "R4096"),
 }
 """Each section -> the workloads it measures: only those are generated and planned."""
 SECTIONS = tuple(NEEDS)
@@ -264,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     every = {
         **(quick_workloads() if args.quick else full_workloads()),
         **planning_workloads(args.quick),
+        **rank_workloads(args.quick),
     }
     workloads = {name: w for name, w in every.items() if name in needed}
     started = time.perf_counter()
@@ -275,7 +278,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cache = args.cache.resolve() / ("quick" if args.quick else "")
     roots = {name: ensure(w, cache, log) for name, w in workloads.items()}
     shapes = {
-        name: jobs.workload_shape(root) for name, root in roots.items() if name not in PLANNED_ONLY
+        name: jobs.workload_shape(root)
+        for name, root in roots.items()
+        if name not in PLANNED_ONLY and name not in NEEDS["ranks"]  # ranks: benchmarks.ranks
     }
     bench = Bench(cache, repeat, log, quick=args.quick)
     if args.quick:
@@ -336,12 +341,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans = {}
     if "plan" in sections:
         plans = planning(bench, {name: roots[name] for name in NEEDS["plan"]})
+    ranks = {}
+    if "ranks" in sections:
+        ranks = measure_ranks(bench, {n: roots[n] for n in NEEDS["ranks"]}, files_identical)
     bench.release(*bench.kept)
 
     rows = with_ratios([Row.of(r, shapes[r.workload]) for r in bench.results.values()])
     targets = evaluate(rows, checks, bench.memcap_note, bench.cold_note, plans)
+    targets += evaluate_ranks(ranks)
     print_table(rows, targets, checks)
     print_planning(plans)
+    print_ranks(ranks)
     doc = {
         "command": "python -m benchmarks.run"
         + (" --quick" if args.quick else f" --repeat {repeat}"),
@@ -364,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name, workload in workloads.items()
         },
         "planning": plans,
+        "ranks": ranks,
         "rows": [asdict(r) for r in rows],
         "runs": [asdict(r) for r in bench.results.values()],
         "checks": checks,
