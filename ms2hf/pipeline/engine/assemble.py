@@ -1,8 +1,9 @@
 """Producing any band of an output tensor's rows straight from the source blocks that hold them.
 
 Each source block is a memory-mapped slice of a rank file; each output piece is a strided run of
-source rows (or a transposed window). For a band of output rows we intersect the piece with every
-block and copy each intersection once, casting on the way, into the caller's buffer. No source
+source rows (or a transposed window). For a band of output rows we intersect the piece with the
+blocks that hold those rows (found through the parameter's ``BlockIndex``, not by scanning all of
+them) and copy each intersection once, casting on the way, into the caller's buffer. No source
 tensor is ever assembled whole and no concatenation is made, so memory is the band, nothing more.
 
 A fine-tuned weight (an output tensor with a LoRA delta) is made the same way, in float64: its
@@ -21,7 +22,7 @@ import numpy as np
 
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
-from ms2hf.io.sources.plan import Block, SourceParam
+from ms2hf.io.sources.plan import SourceParam, Tile
 from ms2hf.transforms.casts import cast_into, cast_transposed_into
 from ms2hf.transforms.lora_merge import (
     F32,
@@ -34,16 +35,6 @@ from ms2hf.transforms.lora_merge import (
     work_bytes,
 )
 from ms2hf.transforms.pieces import LoraDelta, OutputTensor, Piece
-
-
-def _as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
-    """Every tensor is handled as rows x columns: dim 0, and the product of the rest."""
-    if not shape:
-        return 1, 1
-    cols = 1
-    for d in shape[1:]:
-        cols *= d
-    return shape[0], cols
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -59,8 +50,8 @@ def _strided_span(
     return i0, max(i0, i1)
 
 
-def _block_matrix(files: MappedFiles, block: Block, dtype: np.dtype) -> np.ndarray:
-    rows, cols = _as_matrix(block.shape)
+def _block_matrix(files: MappedFiles, tile: Tile, dtype: np.dtype) -> np.ndarray:
+    block, _, rows, _, cols = tile
     return files.view(block.path, block.start, dtype, block.shape).reshape(rows, cols)
 
 
@@ -72,35 +63,40 @@ def _fill_piece(
     param: SourceParam,
     files: MappedFiles,
 ) -> None:
-    """Fill ``dst`` (output rows ``first..last`` of ``piece``, as a matrix) from every block."""
+    """Fill ``dst`` (output rows ``first..last`` of ``piece``, as a matrix) from the blocks
+    that hold them."""
     dtype = to_numpy(param.dtype)
-    for block in param.blocks:
-        br0 = block.offsets[0] if block.offsets else 0
-        bc0 = block.offsets[1] if len(block.offsets) > 1 else 0
-        brows, bcols = _as_matrix(block.shape)
+    step = piece.row_step
+    if piece.transpose:
+        # output row i <- source column col_start + i; output column j <- source row j
+        rows, cols = (0, piece.row_count), (piece.col_start + first, piece.col_start + last)
+    else:
+        rows, cols = (first, last), (piece.col_start, piece.col_stop)
+    if rows[0] >= rows[1] or cols[0] >= cols[1]:
+        return
+    ends = (piece.row_start + step * rows[0], piece.row_start + step * (rows[1] - 1))
+    for tile in param.block_index.covering(min(ends), max(ends) + 1, *cols):
+        _, br0, brows, bc0, bcols = tile
         if piece.transpose:
-            # output row i <- source column col_start + i; output column j <- source row j
             c0 = max(piece.col_start + first, bc0)
             c1 = min(piece.col_start + last, bc0 + bcols)
-            j0, j1 = _strided_span(
-                piece.row_start, piece.row_step, br0, br0 + brows, 0, piece.row_count
-            )
+            j0, j1 = _strided_span(piece.row_start, step, br0, br0 + brows, 0, piece.row_count)
             if c0 >= c1 or j0 >= j1:
                 continue
-            src = _block_matrix(files, block, dtype)
-            r0 = piece.row_start + piece.row_step * j0 - br0
-            window = src[r0 : r0 + piece.row_step * (j1 - j0) : piece.row_step, c0 - bc0 : c1 - bc0]
+            src = _block_matrix(files, tile, dtype)
+            r0 = piece.row_start + step * j0 - br0
+            window = src[r0 : r0 + step * (j1 - j0) : step, c0 - bc0 : c1 - bc0]
             out_r0 = c0 - piece.col_start - first
             cast_transposed_into(dst[out_r0 : out_r0 + (c1 - c0), j0:j1], window)
         else:
-            i0, i1 = _strided_span(piece.row_start, piece.row_step, br0, br0 + brows, first, last)
+            i0, i1 = _strided_span(piece.row_start, step, br0, br0 + brows, first, last)
             c0 = max(piece.col_start, bc0)
             c1 = min(piece.col_stop, bc0 + bcols)
             if i0 >= i1 or c0 >= c1:
                 continue
-            src = _block_matrix(files, block, dtype)
-            r0 = piece.row_start + piece.row_step * i0 - br0
-            window = src[r0 : r0 + piece.row_step * (i1 - i0) : piece.row_step, c0 - bc0 : c1 - bc0]
+            src = _block_matrix(files, tile, dtype)
+            r0 = piece.row_start + step * i0 - br0
+            window = src[r0 : r0 + step * (i1 - i0) : step, c0 - bc0 : c1 - bc0]
             cast_into(
                 dst[i0 - first : i1 - first, c0 - piece.col_start : c1 - piece.col_start], window
             )
