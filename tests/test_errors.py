@@ -284,6 +284,23 @@ def test_nan_is_a_warning_and_strict_makes_it_an_error(
     assert not [p for p in out.iterdir() if p.name.endswith(".ms2hf-partial")]
 
 
+def test_nan_in_a_parameter_of_several_tensors_names_only_the_tensor_holding_it(
+    tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fused QKV weight gives three tensors, made together from it (staged once): only the
+    query tensor whose first row holds the NaN is named."""
+    name = "decoder.layers.0.self_attention.linear_qkv.weight"
+
+    def poison(tensors: dict[str, np.ndarray]) -> None:
+        tensors[name][0, 3] = np.nan
+
+    edit_tensors(rank_file(tiny, 0), poison)
+    code, err = run(capsys, "convert", tiny, tiny.parent / "warned", "-q")
+    assert code == 0
+    assert "warning: tensor 'model.layers.0.self_attn.q_proj.weight'" in err and name in err
+    assert "k_proj" not in err and "v_proj" not in err and err.count("warning:") == 1
+
+
 def test_fp16_overflow_is_found_after_the_cast(
     tiny: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ms2hf.io import writeback
 from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
-from ms2hf.io.shard_digest import PAGE_BYTES, TensorChecksum, file_digest
+from ms2hf.io.shard_digest import PAGE_BYTES, TensorChecksum, checksum, file_digest
 from ms2hf.pipeline.engine.budget import MAX_BAND_BYTES, MemoryBudget
 from tests.conftest import examples
 
@@ -41,6 +41,26 @@ def test_checksum_does_not_depend_on_how_the_bytes_are_cut(size: int, cuts: list
     bounds = [0, *sorted(min(c, size) for c in cuts), size]
     pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
     assert _checksum(*pieces) == _checksum(data)
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(size=st.integers(0, 4 * PAGE_BYTES + 13))
+def test_checksum_of_whole_bytes_is_the_running_checksum(size: int) -> None:
+    data = _data(size, seed=size)
+    assert checksum(data) == _checksum(data)
+
+
+def test_tensors_written_together_give_the_digest_read_back(tmp_path: Path) -> None:
+    entries = [TensorEntry(f"t{i}", "F32", (i + 1, 3)) for i in range(5)]
+    layout = layout_shard(entries, {"format": "pt"})
+    data = {e.name: _data(e.nbytes, seed=i) for i, e in enumerate(layout.entries)}
+    writer = ShardWriter(tmp_path / "m.safetensors", layout)
+    first, rest = layout.entries[:2], layout.entries[2:]
+    writer.write(first[0].name, 0, data[first[0].name])
+    writer.write(first[1].name, 0, data[first[1].name])
+    joined = np.frombuffer(b"".join(data[e.name] for e in rest), np.uint8)
+    writer.write_run([e.name for e in rest], [e.nbytes for e in rest], joined)
+    assert writer.commit() == file_digest(tmp_path / "m.safetensors")
 
 
 @pytest.mark.parametrize("size", [8, PAGE_BYTES - 3, 3 * PAGE_BYTES, 3 * PAGE_BYTES + 5])

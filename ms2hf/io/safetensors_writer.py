@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ class TensorEntry:
     dtype: str
     shape: tuple[int, ...]
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return nbytes(self.dtype, self.shape)
 
@@ -94,8 +95,11 @@ class ShardWriter:
         self.path = Path(path)
         self.layout = layout
         self.temporary = temporary_name(self.path, attempt)
-        self._written = {e.name: 0 for e in layout.entries}
-        self._checksums = {e.name: shard_digest.TensorChecksum() for e in layout.entries}
+        self._written = dict.fromkeys(layout.starts, 0)
+        self._checksums: dict[str, shard_digest.TensorChecksum] = {}
+        """Running checksums of tensors written in pieces, made on their first piece."""
+        self._sums: dict[str, int] = {}
+        """Checksums of tensors written whole at once (``write_run``)."""
         try:
             self._fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError as e:
@@ -118,10 +122,32 @@ class ShardWriter:
         if offset != self._written[name]:
             raise ValueError(f"{name}: bytes written at {offset}, expected {self._written[name]}")
         view = memoryview(data).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
-        self._checksums[name].update(view)
+        checksum = self._checksums.get(name)
+        if checksum is None:
+            checksum = self._checksums[name] = shard_digest.TensorChecksum()
+        checksum.update(view)
         self._written[name] += len(view)
         self._write_at(view, self.layout.starts[name] + offset)
         self._behind.written(self.layout.starts[name] + offset, len(view))
+
+    def write_run(self, names: Sequence[str], sizes: Sequence[int], data: np.ndarray) -> None:
+        """Write whole tensors that follow each other in the file, none written yet, with one
+        write: ``data`` is their bytes one after the other, ``sizes`` their byte counts. Many
+        small tensors (an MoE layer's experts) cost one system call instead of one each."""
+        view = memoryview(data).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
+        position = self.layout.starts[names[0]]
+        at = 0
+        for name, size in zip(names, sizes):
+            begun = self._written[name] or name in self._sums or name in self._checksums
+            if begun or self.layout.starts[name] != position + at:
+                raise ValueError(f"{name}: not the next unwritten tensor of the run")
+            self._sums[name] = shard_digest.checksum(view[at : at + size])
+            self._written[name] = size
+            at += size
+        if at != len(view):
+            raise ValueError(f"{names[0]}...: {len(view)} bytes given for {at}")
+        self._write_at(view, position)
+        self._behind.written(position, len(view))
 
     def _write_at(self, data: bytes | memoryview, position: int) -> None:
         view = memoryview(data)
@@ -151,8 +177,15 @@ class ShardWriter:
             raise OutputError(f"{self.path}: cannot finish writing: {e.strerror or e}") from e
         return shard_digest.combine(
             self.layout.header,
-            ((e.name, e.nbytes, self._checksums[e.name].value) for e in self.layout.entries),
+            ((e.name, e.nbytes, self._checksum(e.name)) for e in self.layout.entries),
         )
+
+    def _checksum(self, name: str) -> int:
+        found = self._sums.get(name)
+        if found is not None:
+            return found
+        running = self._checksums.get(name)
+        return shard_digest.TensorChecksum().value if running is None else running.value
 
     def abort(self) -> None:
         """Drop the partial file: nothing with a final name was written."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from ms2hf.errors import ModelError
 from ms2hf.io.config_files import ConfigValue, Given
@@ -34,7 +35,7 @@ class PlannedTensor:
     tensor: OutputTensor
     dtype: str
 
-    @property
+    @cached_property
     def entry(self) -> TensorEntry:
         return TensorEntry(self.tensor.name, self.dtype, self.tensor.shape)
 

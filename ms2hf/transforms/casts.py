@@ -25,13 +25,23 @@ def output_dtype(source_dtype: str, target: str) -> str:
     return wanted
 
 
-def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
-    """Copy ``src`` into ``dst``, converting to ``dst``'s dtype (a byte copy when they match).
+def quiet_casts() -> np.errstate:
+    """Overflow to inf is the rule's result, not a fault; the finiteness check reports it per
+    tensor (``ms2hf.pipeline.engine.checks``), so numpy's own warning is silenced. Entered once
+    around many casts (``copy_cast``, ``transposed_copy_cast``): entering it costs more than a
+    small cast does."""
+    return np.errstate(over="ignore")
 
-    Overflow to inf is the rule's result, not a fault; the finiteness check reports it per tensor
-    (``ms2hf.pipeline.engine.checks``), so numpy's own warning is silenced."""
-    with np.errstate(over="ignore"):
-        np.copyto(dst, src, casting="unsafe")
+
+def copy_cast(dst: np.ndarray, src: np.ndarray) -> None:
+    """``cast_into``, for a caller inside ``quiet_casts``."""
+    np.copyto(dst, src, casting="unsafe")
+
+
+def cast_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """Copy ``src`` into ``dst``, converting to ``dst``'s dtype (a byte copy when they match)."""
+    with quiet_casts():
+        copy_cast(dst, src)
 
 
 TRANSPOSE_STRIP_BYTES = 1 << 20
@@ -42,6 +52,12 @@ contiguous, run 3-6 times faster. The scratch for the cast is at most this size.
 
 def cast_transposed_into(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst = src.T``, converted to ``dst``'s dtype, strip by strip of ``src`` rows."""
+    with quiet_casts():
+        transposed_copy_cast(dst, src)
+
+
+def transposed_copy_cast(dst: np.ndarray, src: np.ndarray) -> None:
+    """``cast_transposed_into``, for a caller inside ``quiet_casts``."""
     rows = max(8, TRANSPOSE_STRIP_BYTES // max(1, src.shape[1] * dst.dtype.itemsize))
     scratch = None
     if src.dtype != dst.dtype:
@@ -50,5 +66,5 @@ def cast_transposed_into(dst: np.ndarray, src: np.ndarray) -> None:
         strip = src[r : r + rows]
         if scratch is not None:
             strip = scratch[: len(strip)]
-            cast_into(strip, src[r : r + rows])
+            copy_cast(strip, src[r : r + rows])
         dst[:, r : r + len(strip)] = strip.T

@@ -11,19 +11,25 @@ base rows, its rows of ``lora_B`` and the columns of ``lora_A`` are filled from 
 merged (``ms2hf.transforms.lora_merge``), rounded once to float32 and then cast. The float64 work
 arrays are carved out of the same buffer, a band of fewer rows (and, for a very wide ``lora_A``,
 of a window of columns at a time), so memory is still the one buffer.
+
+Many small tensors of one parameter (an MoE layer's 384 experts cut from two grouped weights)
+would each visit the parameter's blocks and maps again; the engine instead stages such a
+parameter, cast whole into part of its buffer (``stage``), and cuts each tensor from that
+(``StagedSource``): the same bytes, since a cast is element by element.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
+from typing import TypeAlias, cast
 
 import numpy as np
 
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
-from ms2hf.io.sources.plan import SourceParam, Tile
-from ms2hf.transforms.casts import cast_into, cast_transposed_into
+from ms2hf.io.sources.plan import SourceParam, Tile, as_matrix
+from ms2hf.transforms.casts import cast_into, copy_cast, quiet_casts, transposed_copy_cast
 from ms2hf.transforms.lora_merge import (
     F32,
     F64,
@@ -50,22 +56,55 @@ def _strided_span(
     return i0, max(i0, i1)
 
 
-def _block_matrix(files: MappedFiles, tile: Tile, dtype: np.dtype) -> np.ndarray:
-    block, _, rows, _, cols = tile
-    return files.view(block.path, block.start, dtype, block.shape).reshape(rows, cols)
+class MappedSource:
+    """A parameter's blocks, viewed through memory maps as they are needed."""
+
+    def __init__(self, param: SourceParam, files: MappedFiles) -> None:
+        self.dtype = to_numpy(param.dtype)
+        self.covering = param.block_index.covering
+        self._files = files
+
+    def matrix(self, tile: Tile) -> np.ndarray:
+        block, _, rows, _, cols = tile
+        view = self._files.view(block.path, block.start, self.dtype, block.shape)
+        return view.reshape(rows, cols)
 
 
-def _fill_piece(
-    dst: np.ndarray,
-    piece: Piece,
-    first: int,
-    last: int,
-    param: SourceParam,
-    files: MappedFiles,
-) -> None:
+class StagedSource:
+    """A parameter already assembled in memory, as rows x columns (``stage``): one block."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.dtype = matrix.dtype
+        self.values = matrix
+        self._tiles = (cast(Tile, (None, 0, matrix.shape[0], 0, matrix.shape[1])),)
+
+    def covering(self, row0: int, row1: int, col0: int, col1: int) -> tuple[Tile, ...]:
+        return self._tiles
+
+    def matrix(self, tile: Tile) -> np.ndarray:
+        return self.values
+
+    def cut(self, dst: np.ndarray, piece: Piece, first: int, last: int) -> None:
+        """``_fill_piece`` from the one block that is the whole matrix, already in ``dst``'s
+        dtype: the piece's window, sliced and copied at once."""
+        step, start = piece.row_step, piece.row_start
+        if piece.transpose:
+            cols = slice(piece.col_start + first, piece.col_start + last)
+            dst[...] = self.values[start : start + step * piece.row_count : step, cols].T
+        else:
+            rows = slice(start + step * first, start + step * last, step)
+            dst[...] = self.values[rows, piece.col_start : piece.col_stop]
+
+
+Source: TypeAlias = MappedSource | StagedSource
+
+
+def _fill_piece(dst: np.ndarray, piece: Piece, first: int, last: int, source: Source) -> None:
     """Fill ``dst`` (output rows ``first..last`` of ``piece``, as a matrix) from the blocks
-    that hold them."""
-    dtype = to_numpy(param.dtype)
+    that hold them (callers are inside ``quiet_casts``)."""
+    if type(source) is StagedSource and source.dtype == dst.dtype and piece.row_step > 0:
+        source.cut(dst, piece, first, last)
+        return
     step = piece.row_step
     if piece.transpose:
         # output row i <- source column col_start + i; output column j <- source row j
@@ -75,7 +114,7 @@ def _fill_piece(
     if rows[0] >= rows[1] or cols[0] >= cols[1]:
         return
     ends = (piece.row_start + step * rows[0], piece.row_start + step * (rows[1] - 1))
-    for tile in param.block_index.covering(min(ends), max(ends) + 1, *cols):
+    for tile in source.covering(min(ends), max(ends) + 1, *cols):
         _, br0, brows, bc0, bcols = tile
         if piece.transpose:
             c0 = max(piece.col_start + first, bc0)
@@ -83,36 +122,66 @@ def _fill_piece(
             j0, j1 = _strided_span(piece.row_start, step, br0, br0 + brows, 0, piece.row_count)
             if c0 >= c1 or j0 >= j1:
                 continue
-            src = _block_matrix(files, tile, dtype)
+            src = source.matrix(tile)
             r0 = piece.row_start + step * j0 - br0
             window = src[r0 : r0 + step * (j1 - j0) : step, c0 - bc0 : c1 - bc0]
             out_r0 = c0 - piece.col_start - first
-            cast_transposed_into(dst[out_r0 : out_r0 + (c1 - c0), j0:j1], window)
+            transposed_copy_cast(dst[out_r0 : out_r0 + (c1 - c0), j0:j1], window)
         else:
             i0, i1 = _strided_span(piece.row_start, step, br0, br0 + brows, first, last)
             c0 = max(piece.col_start, bc0)
             c1 = min(piece.col_stop, bc0 + bcols)
             if i0 >= i1 or c0 >= c1:
                 continue
-            src = _block_matrix(files, tile, dtype)
+            src = source.matrix(tile)
             r0 = piece.row_start + step * i0 - br0
             window = src[r0 : r0 + step * (i1 - i0) : step, c0 - bc0 : c1 - bc0]
-            cast_into(
-                dst[i0 - first : i1 - first, c0 - piece.col_start : c1 - piece.col_start], window
-            )
+            out_c0 = c0 - piece.col_start
+            copy_cast(dst[i0 - first : i1 - first, out_c0 : out_c0 + (c1 - c0)], window)
+
+
+def fill_rows_from(dst: np.ndarray, tensor: OutputTensor, row0: int, source: Source) -> None:
+    """Write output rows ``[row0, row0 + len(dst))`` of ``tensor`` into ``dst`` (rows x cols),
+    unscaled."""
+    row1 = row0 + dst.shape[0]
+    base = 0
+    with quiet_casts():
+        for piece in tensor.pieces:
+            lo, hi = max(row0, base), min(row1, base + piece.out_rows)
+            if lo < hi:
+                _fill_piece(dst[lo - row0 : hi - row0], piece, lo - base, hi - base, source)
+            base += piece.out_rows
 
 
 def fill_rows(
     dst: np.ndarray, tensor: OutputTensor, row0: int, param: SourceParam, files: MappedFiles
 ) -> None:
-    """Write output rows ``[row0, row0 + len(dst))`` of ``tensor`` into ``dst`` (rows x cols)."""
-    row1 = row0 + dst.shape[0]
-    base = 0
-    for piece in tensor.pieces:
-        lo, hi = max(row0, base), min(row1, base + piece.out_rows)
-        if lo < hi:
-            _fill_piece(dst[lo - row0 : hi - row0], piece, lo - base, hi - base, param, files)
-        base += piece.out_rows
+    """Write output rows ``[row0, row0 + len(dst))`` of ``tensor`` into ``dst`` (rows x cols),
+    unscaled, straight from ``param``'s blocks."""
+    fill_rows_from(dst, tensor, row0, MappedSource(param, files))
+
+
+def staged_bytes(param: SourceParam, dtype: np.dtype) -> int:
+    rows, cols = as_matrix(param.shape)
+    return rows * cols * dtype.itemsize
+
+
+def stage(
+    param: SourceParam, dtype: np.dtype, buffer: np.ndarray, files: MappedFiles
+) -> StagedSource:
+    """The whole of ``param`` cast to ``dtype`` in ``buffer`` (``staged_bytes`` of it), each
+    block copied to its place: a source that many small output tensors of the parameter are
+    then cut from without visiting its blocks, or mapping its files, again for each of them."""
+    rows, cols = as_matrix(param.shape)
+    matrix = buffer[: rows * cols * dtype.itemsize].view(dtype).reshape(rows, cols)
+    source = MappedSource(param, files)
+    with quiet_casts():
+        for tile in source.covering(0, rows, 0, cols):
+            _, r0, brows, c0, bcols = tile
+            r1, c1 = min(rows, r0 + brows), min(cols, c0 + bcols)
+            if r0 < r1 and c0 < c1:
+                copy_cast(matrix[r0:r1, c0:c1], source.matrix(tile)[: r1 - r0, : c1 - c0])
+    return StagedSource(matrix)
 
 
 def row_bands(rows: int, row_bytes: int, max_bytes: int) -> Iterator[tuple[int, int]]:
@@ -164,19 +233,19 @@ def assembled_bands(
     if tensor.delta is not None:
         yield from _merged_bands(tensor, tensor.delta, dtype, buffer, params, files)
         return
-    param = params[tensor.source]
+    source = MappedSource(params[tensor.source], files)
     row_bytes = tensor.row_elements * dtype.itemsize
     cost = _row_cost(tensor, dtype)
     for r0, r1 in row_bands(tensor.rows, cost, len(buffer) - _slack(tensor)):
         raw = buffer[: (r1 - r0) * row_bytes]
         band = raw.view(dtype).reshape(r1 - r0, tensor.row_elements)
         if tensor.scale == 1.0:
-            fill_rows(band, tensor, r0, param, files)
+            fill_rows_from(band, tensor, r0, source)
         else:
             at = -(-len(raw) // _ALIGN) * _ALIGN
             wide_bytes = buffer[at : at + (r1 - r0) * tensor.row_elements * _ALIGN]
             wide = wide_bytes.view(SCALE_DTYPE).reshape(band.shape)
-            fill_rows(wide, tensor, r0, param, files)
+            fill_rows_from(wide, tensor, r0, source)
             with np.errstate(over="ignore"):  # overflow is reported by the finiteness check
                 np.multiply(wide, SCALE_DTYPE.type(tensor.scale), out=wide)
             cast_into(band, wide)

@@ -105,6 +105,11 @@ class FiniteCheck:
         """A fresh check on another host (a Ray task): what was warned here stays here."""
         return FiniteCheck, (self.strict,)
 
+    def clean(self, dtype: str, values: np.ndarray) -> bool:
+        """Whether every band cut from ``values`` (of ``dtype``) passes: the engine checks a
+        staged parameter once instead of each of its tensors, and each of them only if not."""
+        return not has_nonfinite(values, dtype)
+
     def __call__(
         self, planned: PlannedTensor, band: np.ndarray, in_source: Callable[[], bool]
     ) -> None:

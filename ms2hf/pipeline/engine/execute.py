@@ -27,9 +27,18 @@ from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter
 from ms2hf.io.sources.plan import SourceParam
-from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
+from ms2hf.pipeline.engine.assemble import (
+    MappedSource,
+    Source,
+    assembled_bands,
+    fill_rows_from,
+    fit_row,
+    stage,
+    staged_bytes,
+)
 from ms2hf.pipeline.engine.budget import MemoryBudget
 from ms2hf.pipeline.engine.checks import source_has_nonfinite
+from ms2hf.pipeline.engine.jobs import STAGE_SHARE, Job, aligned, plan_jobs
 from ms2hf.pipeline.engine.progress import Progress
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
 
@@ -38,7 +47,9 @@ BandCheck = Callable[[PlannedTensor, np.ndarray, Callable[[], bool]], None]
 telling whether the tensor's source already holds NaN or inf (read only when asked). Its
 ``repr`` is part of the plan's fingerprint (a rerun with another check is another run), so it
 must be stable: a frozen dataclass, not a lambda; and it travels with a ``WriteTask`` to other
-hosts, so it must pickle."""
+hosts, so it must pickle. A check may also have ``clean(dtype, values) -> bool``: true when it
+would pass every band cut from ``values``; the tensors of a staged parameter it calls clean are
+then not checked one by one."""
 
 Committed = Callable[[str, str], None]
 """Told ``(file name, content digest)`` as each file gets its final name."""
@@ -83,6 +94,7 @@ class _OpenFile:
     def __init__(self, writer: ShardWriter, remaining: int) -> None:
         self.writer = writer
         self.remaining = remaining
+        self.order = {e.name: i for i, e in enumerate(writer.layout.entries)}
 
 
 class _Run:
@@ -95,32 +107,30 @@ class _Run:
         self.progress = progress
         self.committed = committed
         self.check = task.check
-        # Within a file, largest tensors first: the jobs left at the end are small, so no worker
-        # idles while another finishes the embedding alone.
-        self.jobs = iter(
-            [(f, t) for f in task.files for t in sorted(f.tensors, key=lambda t: -t.entry.nbytes)]
-        )
+        band = task.budget.band_bytes
+        self.jobs = iter(plan_jobs(task.files, task.layouts, task.params, band))
         self.lock = threading.Lock()
         self.open: dict[str, _OpenFile] = {}
         self.failed = False
 
-    def _next(self) -> tuple[PlannedFile, PlannedTensor] | None:
+    def _next(self) -> Job | None:
         with self.lock:
             if self.failed:
                 return None
             job = next(self.jobs, None)
-            if job is not None and job[0].name not in self.open:
-                f = job[0]
+            if job is not None and job.file.name not in self.open:
+                f = job.file
                 writer = ShardWriter(
                     self.task.folder / f.name, self.task.layouts[f.name], self.task.attempt
                 )
                 self.open[f.name] = _OpenFile(writer, len(f.tensors))
             return job
 
-    def _done(self, f: PlannedFile) -> None:
+    def _done(self, job: Job) -> None:
+        f = job.file
         with self.lock:
             state = self.open[f.name]
-            state.remaining -= 1
+            state.remaining -= len(job.tensors)
             finished = state.remaining == 0
         if finished:
             self.committed(f.name, state.writer.commit())
@@ -131,9 +141,12 @@ class _Run:
         buffer = np.empty(self.task.budget.band_bytes, dtype=np.uint8)
         try:
             while (job := self._next()) is not None:
-                f, planned = job
-                buffer = self._write_tensor(self.open[f.name].writer, planned, buffer)
-                self._done(f)
+                state = self.open[job.file.name]
+                if job.run:
+                    self._write_run(state, job, buffer)
+                else:
+                    buffer = self._write_tensor(state.writer, job.tensors[0], buffer)
+                self._done(job)
         except BaseException:
             with self.lock:
                 self.failed = True
@@ -152,6 +165,62 @@ class _Run:
             writer.write(tensor.name, offset, raw)
             self.progress.advance(len(raw))
         return buffer
+
+    def _write_run(self, state: _OpenFile, job: Job, buffer: np.ndarray) -> None:
+        """Make each tensor of a run whole in the second half of ``buffer`` (staging the
+        parameters that give several of them in the first half; ``plan_jobs`` made both fit)
+        and write the tensors that follow each other with one write per half buffer."""
+        writer, order = state.writer, state.order
+        stage_bytes = len(buffer) // STAGE_SHARE
+        area = buffer[stage_bytes:]
+        sources: dict[tuple[str, str], tuple[Source, bool]] = {}
+        clean = getattr(self.check, "clean", None)
+        staged_at = 0
+        names: list[str] = []
+        sizes: list[int] = []
+        used = 0
+        last = -2
+
+        def flush() -> None:
+            nonlocal used
+            if names:
+                writer.write_run(names, sizes, area[:used])
+                self.progress.advance(used)
+                names.clear()
+                sizes.clear()
+                used = 0
+
+        for planned in job.tensors:
+            tensor = planned.tensor
+            dtype = to_numpy(planned.dtype)
+            key = (tensor.source, planned.dtype)
+            found = sources.get(key)
+            if found is None:
+                param = self.params[tensor.source]
+                if key in job.staged:
+                    size = staged_bytes(param, dtype)
+                    staged = stage(param, dtype, buffer[staged_at : staged_at + size], self.mapped)
+                    staged_at += aligned(size)
+                    checked = clean is not None and clean(planned.dtype, staged.values)
+                    found = sources[key] = (staged, checked)
+                else:
+                    found = sources[key] = (MappedSource(param, self.mapped), False)
+            source, checked = found
+            n = planned.entry.nbytes
+            at = order[tensor.name]
+            if at != last + 1 or used + n > len(area):
+                flush()
+            last = at
+            raw = area[used : used + n]
+            band = raw.view(dtype).reshape(tensor.rows, tensor.row_elements)
+            fill_rows_from(band, tensor, 0, source)
+            if self.check is not None and not checked:
+                in_source = partial(source_has_nonfinite, tensor, self.params, self.mapped)
+                self.check(planned, band, in_source)
+            names.append(tensor.name)
+            sizes.append(n)
+            used += n
+        flush()
 
     def abort(self) -> None:
         for state in self.open.values():
