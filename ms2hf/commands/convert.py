@@ -24,6 +24,7 @@ from ms2hf.io.sources.plan import SourcePlan
 from ms2hf.io.tokenizer_files import find_tokenizer_files, same_file, usability_notes
 from ms2hf.io.unified_format import PARAM_NAME_MAP
 from ms2hf.pipeline.engine.budget import format_size
+from ms2hf.pipeline.engine.memory import paused_gc
 from ms2hf.pipeline.engine.output_dir import ADAPTER_FOLDER, HF_FOLDER
 from ms2hf.pipeline.given import given_values, origin_lines
 from ms2hf.pipeline.lora import (
@@ -299,6 +300,7 @@ def _not_another_kind(root: Path) -> None:
         )
 
 
+@paused_gc()
 def convert(
     training_output: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],

@@ -34,6 +34,7 @@ from ms2hf.io.unified_format import (
     unified_dir,
 )
 from ms2hf.pipeline.engine.budget import format_size
+from ms2hf.pipeline.engine.memory import paused_gc
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, UNIFIED_FOLDER
 from ms2hf.pipeline.lora import RUN_ADAPTER_CONFIG, run_adapter_config
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
@@ -165,6 +166,7 @@ def plan_unified_files(
     return files, dict(sorted(weight_map.items()))
 
 
+@paused_gc()
 def merge(
     checkpoint_dir: str | os.PathLike[str],
     strategy_path: str | os.PathLike[str] | None,

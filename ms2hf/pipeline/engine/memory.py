@@ -8,8 +8,11 @@ the run, next to the process's lifetime peak that ``getrusage`` keeps.
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 import psutil
@@ -64,3 +67,20 @@ class MemorySampler:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection while a plan is made and run, then as before.
+
+    A plan is hundreds of thousands of small objects (blocks, tensors, pieces) and none of them
+    forms a cycle; yet each collection walks the young ones, and every full one walks them all,
+    so the collector took a quarter of the conversion of a 4096-rank save (1.3 s of 4.9 s of
+    CPU). Reference counting still frees everything that is not in a cycle."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
