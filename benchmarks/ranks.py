@@ -100,10 +100,18 @@ class _Laps:
 
 def phases(root: Path, out: Path, trace: bool) -> dict[str, object]:
     """``convert ROOT OUT`` made of the calls ``ms2hf.commands.convert`` makes (no yaml, no
-    reference config, defaults otherwise), timed one phase at a time."""
+    reference config, defaults otherwise), timed one phase at a time; as convert does, with the
+    cyclic garbage collector paused."""
+    from ms2hf.pipeline.engine.memory import paused_gc
+
+    with paused_gc():
+        return _phases(root, out, trace)
+
+
+def _phases(root: Path, out: Path, trace: bool) -> dict[str, object]:
     from ms2hf.commands.convert import ConvertOptions
     from ms2hf.io.hf_output import HF_METADATA, index_document, write_json
-    from ms2hf.io.safetensors_reader import SafetensorsHeader
+    from ms2hf.io.safetensors_reader import read_headers
     from ms2hf.io.safetensors_writer import layout_shard
     from ms2hf.io.sources.legacy import build_source_plan, find_rank_dirs, select_step
     from ms2hf.io.sources.strategy import load_strategy
@@ -134,7 +142,7 @@ def phases(root: Path, out: Path, trace: bool) -> dict[str, object]:
     strategy = load_strategy(root / "strategy")
     laps("strategies")
     ranks = sorted(paths)
-    headers = [SafetensorsHeader(paths[r]) for r in ranks]
+    headers = read_headers(paths[r] for r in ranks)
     laps("headers")
     source = build_source_plan(step, headers, ranks, strategy)
     del headers

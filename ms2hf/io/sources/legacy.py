@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ms2hf.errors import CoverageError, FormatError, LayoutError
 from ms2hf.io.placement import Grid, block_coords, grid, holders
-from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
+from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo, read_headers
 from ms2hf.io.sources.plan import (
     Block,
     SourceFile,
@@ -205,7 +205,7 @@ def plan_source(
     rank_dirs = find_rank_dirs(checkpoint_dir)
     chosen, paths = select_step(rank_dirs, step)
     strategy = load_strategy(strategy_path)
-    headers = [SafetensorsHeader(paths[r]) for r in sorted(paths)]
+    headers = read_headers(paths[r] for r in sorted(paths))
     plan = build_source_plan(chosen, headers, sorted(paths), strategy)
     reason = "--step" if step is not None else "the newest in every rank folder"
     plan.choice = StepChoice(tuple(steps_in_every_rank(rank_dirs)), reason)
