@@ -34,20 +34,29 @@ def read_in_order(
         return
     starts = iter(range(0, len(paths), BATCH))
 
-    def batch(at: int) -> list[T]:
-        return [read(p) for p in paths[at : at + BATCH]]
+    def batch(at: int) -> tuple[list[T], Exception | None]:
+        """The batch's results up to its first failure, and that failure."""
+        done: list[T] = []
+        try:
+            for path in paths[at : at + BATCH]:
+                done.append(read(path))  # noqa: PERF401  (kept up to a failure)
+        except Exception as e:  # raised in the caller, at its file's turn
+            return done, e
+        return done, None
 
     with ThreadPoolExecutor(threads, thread_name_prefix="ms2hf-read") as pool:
-        ahead: deque[Future[list[T]]] = deque(
+        ahead: deque[Future[tuple[list[T], Exception | None]]] = deque(
             pool.submit(batch, at) for at in itertools.islice(starts, 2 * threads)
         )
         try:
             while ahead:
-                done = ahead.popleft().result()
+                values, error = ahead.popleft().result()
                 at = next(starts, None)
-                if at is not None:
+                if at is not None and error is None:
                     ahead.append(pool.submit(batch, at))
-                yield from done
+                yield from values
+                if error is not None:
+                    raise error
         finally:
             for future in ahead:
                 future.cancel()
