@@ -110,9 +110,25 @@ def block_coords(layout: Layout, ndim: int, local_rank: int) -> tuple[int, ...]:
     return tuple(coords)
 
 
+@lru_cache(maxsize=1024)
+def coords_table(layout: Layout, ndim: int) -> tuple[tuple[int, ...], ...]:
+    """``block_coords`` of every local rank, at once: planning a save of thousands of ranks
+    looks a layout up once per parameter, not once per rank and parameter."""
+    return tuple(block_coords(layout, ndim, r) for r in range(layout.devices))
+
+
+@lru_cache(maxsize=1024)
+def offsets_table(
+    layout: Layout, ndim: int, slice_shape: tuple[int, ...]
+) -> tuple[tuple[int, ...], ...]:
+    """Where every local rank's block (of ``slice_shape``) starts in the full tensor."""
+    g = grid(layout, ndim)
+    return tuple(g.offsets(c, slice_shape) for c in coords_table(layout, ndim))
+
+
 def holders(layout: Layout, ndim: int) -> dict[tuple[int, ...], list[int]]:
     """For every block, the local ranks whose slice it is: who should have saved it."""
     out: dict[tuple[int, ...], list[int]] = {}
-    for rank in range(layout.devices):
-        out.setdefault(block_coords(layout, ndim, rank), []).append(rank)
+    for rank, coords in enumerate(coords_table(layout, ndim)):
+        out.setdefault(coords, []).append(rank)
     return out

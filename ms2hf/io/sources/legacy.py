@@ -17,13 +17,13 @@ import itertools
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 from ms2hf.errors import CoverageError, FormatError, LayoutError
-from ms2hf.io.placement import Grid, block_coords, grid, holders
+from ms2hf.io.placement import Grid, coords_table, grid, holders, offsets_table
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo, read_headers
 from ms2hf.io.sources.plan import (
     Block,
@@ -235,6 +235,8 @@ def build_source_plan(
     collecting: dict[str, _Collecting] = {}
     scalars: dict[str, SourceParam] = {}
     optimizer_bytes = scalar_bytes = 0
+    kinds: dict[int, _Kinds] = {}
+    plans: dict[tuple[int, str, int], _KeyPlan] = {}
     for rank, header in zip(ranks, headers):
         stage = strategy.stage_of_rank(rank, world)
         if rank // per_stage != stage:
@@ -244,17 +246,17 @@ def build_source_plan(
             )
         local = rank - stage * per_stage
         files.append(SourceFile(rank, stage, header.path, header.metadata))
-        for key, info in header.tensors.items():
-            kind = key_kind(key)
-            if kind is KeyKind.OPTIMIZER:
-                optimizer_bytes += info.nbytes
-                continue
-            if kind is KeyKind.SCALAR:
-                scalar_bytes += info.nbytes
-                if key not in scalars:
-                    scalars[key] = whole_param(header.path, rank, info)
-                continue
-            _place(collecting, strategy, header.path, rank, stage, local, per_stage, info)
+        # Files with identical headers share one ``tensors`` mapping: sorted out once.
+        sorted_out = kinds.get(id(header.tensors))
+        if sorted_out is None:
+            sorted_out = kinds[id(header.tensors)] = _sort_keys(header.tensors)
+        optimizer_bytes += sorted_out.optimizer_bytes
+        scalar_bytes += sorted_out.scalar_bytes
+        for info in sorted_out.scalars:
+            if info.name not in scalars:
+                scalars[info.name] = whole_param(header.path, rank, info)
+        for info in sorted_out.params:
+            _place(collecting, plans, strategy, header.path, rank, stage, local, per_stage, info)
 
     paths = {f.rank: f.path for f in files}
     params = {name: _finish(name, c, strategy, per_stage, paths) for name, c in collecting.items()}
@@ -272,8 +274,77 @@ def build_source_plan(
     )
 
 
+@dataclass(frozen=True)
+class _Kinds:
+    """A header's keys sorted out: parameters and scalars in header order, optimizer bytes."""
+
+    params: tuple[TensorInfo, ...]
+    scalars: tuple[TensorInfo, ...]
+    optimizer_bytes: int
+    scalar_bytes: int
+
+
+def _sort_keys(tensors: Mapping[str, TensorInfo]) -> _Kinds:
+    params: list[TensorInfo] = []
+    scalars: list[TensorInfo] = []
+    optimizer_bytes = scalar_bytes = 0
+    for key, info in tensors.items():
+        kind = key_kind(key)
+        if kind is KeyKind.OPTIMIZER:
+            optimizer_bytes += info.nbytes
+        elif kind is KeyKind.SCALAR:
+            scalar_bytes += info.nbytes
+            scalars.append(info)
+        else:
+            params.append(info)
+    return _Kinds(tuple(params), tuple(scalars), optimizer_bytes, scalar_bytes)
+
+
+@dataclass
+class _KeyPlan:
+    """Where one stage's slices of a parameter go, for every local rank of the stage: looked up
+    once per stage and parameter, so that a rank then costs two table lookups and a Block."""
+
+    grid: Grid | None
+    coords: Sequence[tuple[int, ...]]
+    """Grid coordinates of each local rank's block (one entry, the origin, when unsplit)."""
+    table: Callable[[tuple[int, ...]], Sequence[tuple[int, ...]]]
+    """Slice shape -> each local rank's block offsets."""
+    _offsets: dict[tuple[int, ...], Sequence[tuple[int, ...]]] = field(default_factory=dict)
+
+    def offsets(self, slice_shape: tuple[int, ...]) -> Sequence[tuple[int, ...]]:
+        found = self._offsets.get(slice_shape)
+        if found is None:
+            found = self._offsets[slice_shape] = self.table(slice_shape)
+        return found
+
+
+def _key_plan(
+    strategy: Strategy, path: Path, stage: int, per_stage: int, info: TensorInfo
+) -> _KeyPlan:
+    key, ndim = info.name, len(info.shape)
+    layout = strategy.layout(stage, key)
+    if layout is None:
+        origin = ((0,) * ndim,)
+        return _KeyPlan(None, origin, lambda shape: origin)
+    if layout.devices != per_stage:
+        raise LayoutError(
+            f"{path}: parameter {key!r}: its device matrix {list(layout.dev_matrix)} has "
+            f"{layout.devices} devices, but each pipeline stage has {per_stage} ranks"
+        )
+    try:
+        g = grid(layout, ndim)
+        coords = coords_table(layout, ndim)
+    except LayoutError as e:
+        raise LayoutError(f"{path}: parameter {key!r} of shape {list(info.shape)}: {e}") from e
+    if ndim > 2 and any(p > 1 for p in g.parts[2:]):
+        raise LayoutError(f"{path}: parameter {key!r}: splits past dim 1 are not supported")
+    return _KeyPlan(g, coords, lambda shape: offsets_table(layout, ndim, shape))
+
+
 def _place(
     collecting: dict[str, _Collecting],
+    plans: dict[tuple[int, str, int], _KeyPlan],
     strategy: Strategy,
     path: Path,
     rank: int,
@@ -282,26 +353,16 @@ def _place(
     per_stage: int,
     info: TensorInfo,
 ) -> None:
-    key, ndim = info.name, len(info.shape)
-    layout = strategy.layout(stage, key)
-    g: Grid | None = None
-    coords: tuple[int, ...] = (0,) * ndim
-    if layout is not None:
-        if layout.devices != per_stage:
-            raise LayoutError(
-                f"{path}: parameter {key!r}: its device matrix {list(layout.dev_matrix)} has "
-                f"{layout.devices} devices, but each pipeline stage has {per_stage} ranks"
-            )
-        try:
-            g = grid(layout, ndim)
-            coords = block_coords(layout, ndim, local)
-        except LayoutError as e:
-            raise LayoutError(f"{path}: parameter {key!r} of shape {list(info.shape)}: {e}") from e
-    if ndim > 2 and g is not None and any(p > 1 for p in g.parts[2:]):
-        raise LayoutError(f"{path}: parameter {key!r}: splits past dim 1 are not supported")
-    full = g.full_shape(info.shape) if g else info.shape
+    key = info.name
+    plan = plans.get((stage, key, len(info.shape)))
+    if plan is None:
+        plan = plans[(stage, key, len(info.shape))] = _key_plan(
+            strategy, path, stage, per_stage, info
+        )
+    g = plan.grid
     c = collecting.get(key)
     if c is None:
+        full = g.full_shape(info.shape) if g else info.shape
         c = collecting[key] = _Collecting(full, info.dtype, g, (rank, info.shape, info.dtype))
         c.stage = stage
     elif info.shape != c.first[1] or info.dtype != c.first[2]:
@@ -310,7 +371,11 @@ def _place(
             f"{list(info.shape)}, but rank {c.first[0]} holds a {c.first[2]} slice of shape "
             f"{list(c.first[1])}; slices of one parameter must agree"
         )
-    offsets = g.offsets(coords, info.shape) if g else coords
+    if g is None:
+        coords = offsets = plan.coords[0]
+    else:
+        coords = plan.coords[local]
+        offsets = plan.offsets(info.shape)[local]
     block = Block(path, rank, key, info.start, offsets, info.shape)
     if coords in c.blocks:
         c.replicas.append(block)

@@ -23,7 +23,7 @@ from ms2hf.io.placement import Grid
 from ms2hf.io.safetensors_reader import TensorInfo
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Block:
     """One rank file's slice of a parameter, and where it goes in the full tensor."""
 

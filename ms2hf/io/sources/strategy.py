@@ -14,9 +14,11 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ms2hf.errors import FormatError, LayoutError
+from ms2hf.io.read_ahead import read_in_order
 from ms2hf.io.sources.strategy_proto import ParallelStrategyMap
 from ms2hf.io.sources.training_keys import KeyKind, key_kind
 
@@ -89,11 +91,14 @@ class Strategy:
 
     def layout(self, stage: int, name: str) -> Layout | None:
         """A parameter's layout; one present in several stages takes the lowest stage's."""
-        for s in sorted(self.layouts):
-            found = self.layouts[s].get(name)
-            if found is not None:
-                return found
-        return None
+        return self._first_layouts.get(name)
+
+    @cached_property
+    def _first_layouts(self) -> dict[str, Layout]:
+        first: dict[str, Layout] = {}
+        for s in sorted(self.layouts, reverse=True):
+            first.update(self.layouts[s])
+        return first
 
     def stage_of_rank(self, rank: int, world: int) -> int:
         stage = self.rank_stage.get(rank)
@@ -265,14 +270,27 @@ def _parse_json(path: Path, data: bytes) -> StrategyFile:
     return StrategyFile(path, stage, layouts)
 
 
-def read_strategy_file(path: Path) -> StrategyFile:
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def _parse_strategy(path: Path, data: bytes) -> StrategyFile:
     if data.lstrip()[:1] == b"{":
         return _parse_json(path, data)
     return _parse_protobuf(path, data)
+
+
+def read_strategy_file(path: Path) -> StrategyFile:
+    return _parse_strategy(path, _read_bytes(path))
+
+
+def _suffix(name: str) -> str:
+    """``Path(name).suffix``, without making a path."""
+    i = name.rfind(".")
+    return name[i:] if 0 < i < len(name) - 1 else ""
 
 
 def load_strategy(path: str | os.PathLike[str]) -> Strategy:
@@ -281,7 +299,12 @@ def load_strategy(path: str | os.PathLike[str]) -> Strategy:
     if not path.exists():
         raise FormatError(f"{path}: strategy path does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".ckpt", ".json") and p.is_file())
+        with os.scandir(path) as entries:  # is_file from the listing: no stat per file
+            files = sorted(
+                path / e.name
+                for e in entries
+                if _suffix(e.name) in (".ckpt", ".json") and e.is_file()
+            )
         if not files:
             raise FormatError(f"{path}: strategy folder holds no .ckpt or .json strategy files")
     else:
@@ -291,12 +314,8 @@ def load_strategy(path: str | os.PathLike[str]) -> Strategy:
     parsed: dict[bytes, StrategyFile] = {}
     layouts: dict[int, dict[str, Layout]] = {}
     rank_stage: dict[int, int] = {}
-    for file in files:
-        try:
-            key = file.read_bytes()
-        except OSError as e:
-            raise FormatError(f"{file}: cannot read: {e.strerror or e}") from e
-        sf = parsed.get(key) or read_strategy_file(file)
+    for file, key in zip(files, read_in_order(files, _read_bytes)):
+        sf = parsed.get(key) or _parse_strategy(file, key)
         parsed[key] = sf
         if sf.stage is not None:
             m = _RANK_FILE.match(file.name)
