@@ -110,6 +110,9 @@ class _Run:
         band = task.budget.band_bytes
         self.jobs = iter(plan_jobs(task.files, task.layouts, task.params, band))
         self.lock = threading.Lock()
+        self.runs = threading.Lock()
+        """One run at a time: a run is Python's work more than numpy's, and two threads doing
+        such work at once only take the interpreter lock from each other."""
         self.open: dict[str, _OpenFile] = {}
         self.failed = False
 
@@ -143,7 +146,8 @@ class _Run:
             while (job := self._next()) is not None:
                 state = self.open[job.file.name]
                 if job.run:
-                    self._write_run(state, job, buffer)
+                    with self.runs:
+                        self._write_run(state, job, buffer)
                 else:
                     buffer = self._write_tensor(state.writer, job.tensors[0], buffer)
                 self._done(job)
