@@ -44,13 +44,13 @@ MOE_157MIB = {
     "remove_redundancy": True,
 }
 """Tiny widths, many tensors: 157.1 MiB of weights in 963 parameters, 37,731 output tensors."""
-PLANNING = ("list", "strategies", "headers", "source plan", "model rules", "shards")
+PLANNING = ("list", "strategies", "metadata", "headers", "source plan", "model rules", "shards")
 """The phases before the output folder is touched: what planning memory is measured over."""
 TARGET_SECONDS = 5.0
 """Issue 14: the 4096-rank save converts in under 5 s."""
 
 
-def _moe(tp: int, dp: int, pp: int, ep: int, layers: int = 96) -> GeneratorConfig:
+def _moe(tp: int, dp: int, pp: int, ep: int, layers: int, save_format: str) -> GeneratorConfig:
     dims = {**MOE_157MIB, "layers": layers}
     return GeneratorConfig(
         **dims,  # type: ignore[arg-type]
@@ -58,24 +58,28 @@ def _moe(tp: int, dp: int, pp: int, ep: int, layers: int = 96) -> GeneratorConfi
         dp=dp,
         pp=pp,
         moe=MoeConfig(experts=128, moe_ffn=16, top_k=8, ep=ep),
+        save_format=save_format,
     )
 
 
+RANKS = ("R512", "R4096", "R512-ckpt2", "R4096-ckpt2")
+
+
 def rank_workloads(quick: bool) -> dict[str, Workload]:
-    """R512 and R4096; quick: 64 and 512 ranks of a 16-layer model, to check the harness."""
+    """R512 and R4096, in the legacy format and as Checkpoint 2.0 (the same save through
+    mindformers' other writer); quick: 64 and 512 ranks of a 16-layer model."""
     if quick:
-        small = (
-            Workload("R512", _moe(2, 4, 8, 4, 16), "quick: Qwen3-MoE 16x128, 64 ranks"),
-            Workload("R4096", _moe(4, 16, 8, 16, 16), "quick: Qwen3-MoE 16x128, 512 ranks"),
-        )
-        return {w.name: w for w in small}
-    what = "Qwen3-MoE 96x128, 157 MiB fp32"
-    return {
-        "R512": Workload("R512", _moe(4, 8, 16, 8), f"{what}, TP4 x DP8 x PP16, EP8, opt, dedup"),
-        "R4096": Workload(
-            "R4096", _moe(8, 32, 16, 32), f"{what}, TP8 x DP32 x PP16, EP32, opt, dedup"
-        ),
-    }
+        layers, shapes, what = 16, ((2, 4, 8, 4), (4, 16, 8, 16)), "quick: Qwen3-MoE 16x128"
+    else:
+        layers, shapes, what = 96, ((4, 8, 16, 8), (8, 32, 16, 32)), "Qwen3-MoE 96x128, fp32"
+    out = {}
+    for name, (tp, dp, pp, ep) in zip(("R512", "R4096"), shapes):
+        cut = f"TP{tp} x DP{dp} x PP{pp}, EP{ep}, optimizer sharding, de-duplicated"
+        for fmt, suffix in (("legacy", ""), ("ckpt2", "-ckpt2")):
+            config = _moe(tp, dp, pp, ep, layers, fmt)
+            label = f"{what}, {tp * dp * pp} ranks ({cut}), {fmt}"
+            out[name + suffix] = Workload(name + suffix, config, label)
+    return out
 
 
 def _rss() -> int:
@@ -113,7 +117,12 @@ def _phases(root: Path, out: Path, trace: bool) -> dict[str, object]:
     from ms2hf.io.hf_output import HF_METADATA, index_document, write_json
     from ms2hf.io.safetensors_reader import read_headers
     from ms2hf.io.safetensors_writer import layout_shard
+    from ms2hf.io.sources import locate
+    from ms2hf.io.sources.ckpt2 import Headers, plan_from
+    from ms2hf.io.sources.ckpt2_metadata import Metadata
+    from ms2hf.io.sources.iterations import choose_iteration
     from ms2hf.io.sources.legacy import build_source_plan, find_rank_dirs, select_step
+    from ms2hf.io.sources.plan import LEGACY
     from ms2hf.io.sources.strategy import load_strategy
     from ms2hf.pipeline.engine.budget import MemoryBudget
     from ms2hf.pipeline.engine.checks import FiniteCheck
@@ -136,16 +145,28 @@ def _phases(root: Path, out: Path, trace: bool) -> dict[str, object]:
         tracemalloc.start()
     laps.restart()
     options = ConvertOptions(progress=False)
-    rank_dirs = find_rank_dirs(root / "checkpoint")
-    step, paths = select_step(rank_dirs, options.step)
-    laps("list")
-    strategy = load_strategy(root / "strategy")
-    laps("strategies")
-    ranks = sorted(paths)
-    headers = read_headers(paths[r] for r in ranks)
-    laps("headers")
-    source = build_source_plan(step, headers, ranks, strategy)
-    del headers
+    where = locate(root)
+    if where.source_format == LEGACY:
+        rank_dirs = find_rank_dirs(where.checkpoint_dir)
+        step, paths = select_step(rank_dirs, options.step)
+        laps("list")
+        assert where.strategy_dir is not None
+        strategy = load_strategy(where.strategy_dir)
+        laps("strategies")
+        ranks = sorted(paths)
+        headers = read_headers(paths[r] for r in ranks)
+        laps("headers")
+        source = build_source_plan(step, headers, ranks, strategy)
+        del headers
+    else:
+        folder, choice = choose_iteration(where.checkpoint_dir, options.step, None)
+        laps("list")
+        meta = Metadata(folder)
+        laps("metadata")
+        model_headers = Headers(folder, meta)
+        laps("headers")
+        source = plan_from(meta, model_headers, choice)
+        del meta, model_headers
     laps("source plan")
     shapes = {name: p.shape for name, p in source.params.items()}
     model = hf_model(shapes, {}, config_dtype(source, options.dtype), options.routing_scale)
@@ -185,7 +206,8 @@ def _phases(root: Path, out: Path, trace: bool) -> dict[str, object]:
         "planning_rss_bytes": planning_rss,
         "planning_peak_bytes": planning_peak,
         "tensors": len(plan.weight_map),
-        "ranks": len(ranks),
+        "ranks": source.ranks,
+        "files": len(source.files),
     }
 
 

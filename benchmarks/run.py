@@ -21,7 +21,7 @@ from benchmarks import jobs, measure
 from benchmarks.bench import Bench, Case, Step
 from benchmarks.floor import MODES as FLOOR_MODES
 from benchmarks.machine import describe
-from benchmarks.ranks import evaluate_ranks, measure_ranks, print_ranks, rank_workloads
+from benchmarks.ranks import RANKS, evaluate_ranks, measure_ranks, print_ranks, rank_workloads
 from benchmarks.report import (
     MEMCAP_LIMIT,
     MEMORY_BUDGET,
@@ -53,7 +53,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "ckpt2": ("W-ckpt2", "W-ckpt2-dedup"),
     "plan": ("P4096", "P4096-dedup"),
     "lora": ("W-lora",),
-    "ranks": ("R512", "R4096"),
+    "ranks": RANKS,
 }
 """Each section -> the workloads it measures: only those are generated and planned."""
 SECTIONS = tuple(NEEDS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 
 from ms2hf.errors import FormatError, LayoutError
 from ms2hf.io.placement import Grid, unravel
-from ms2hf.io.safetensors_reader import SafetensorsHeader
+from ms2hf.io.safetensors_reader import SafetensorsHeader, read_headers
 from ms2hf.io.sources.ckpt2_metadata import (
     COMMON,
     METADATA,
@@ -49,13 +50,20 @@ from ms2hf.io.sources.training_keys import KeyKind, key_kind
 log = logging.getLogger("ms2hf")
 
 
-class _Headers:
-    """The ``-model-`` files' headers, each read once, when first needed."""
+class Headers:
+    """The ``-model-`` files' headers: every file the records name, read at once a few threads
+    ahead, each distinct header parsed once (``read_headers``); a file that is not there is
+    reported when a parameter's slice needs it."""
 
     def __init__(self, folder: Path, meta: Metadata) -> None:
         self.folder = folder
         self.meta = meta
-        self.headers: dict[str, SafetensorsHeader] = {}
+        named = {r.file for slices in meta.records.values() for rs in slices.values() for r in rs}
+        with os.scandir(folder) as entries:
+            present = sorted(e.name for e in entries if e.name in named and e.is_file())
+        self.headers: dict[str, SafetensorsHeader] = dict(
+            zip(present, read_headers(folder / name for name in present))
+        )
 
     def get(self, file: str, name: str, sid: int) -> SafetensorsHeader:
         header = self.headers.get(file)
@@ -68,7 +76,7 @@ class _Headers:
 
 
 def _param(
-    name: str, entry: Entry, records: Mapping[int, list[Record]], headers: _Headers
+    name: str, entry: Entry, records: Mapping[int, list[Record]], headers: Headers
 ) -> SourceParam:
     """One parameter's blocks: each slice from its lowest rank's record (the rest replicas), or,
     when the files hold the whole parameter (a normal save's integrated save, doc section 7),
@@ -191,13 +199,20 @@ def plan_iteration(folder: Path, choice: StepChoice | None = None) -> SourcePlan
 
 
 def _plan_iteration(folder: Path, choice: StepChoice | None) -> SourcePlan:
+    if not (folder / METADATA).is_file():
+        iteration = iteration_number(folder)
+        step = str(iteration) if iteration is not None else folder.name
+        return _plan_one_card(folder, step, choice, _read_common(folder, iteration))
+    meta = Metadata(folder)
+    return plan_from(meta, Headers(folder, meta), choice)
+
+
+def plan_from(meta: Metadata, headers: Headers, choice: StepChoice | None = None) -> SourcePlan:
+    """The plan of an iteration folder from its metadata and its ``-model-`` files' headers."""
+    folder = meta.path.parent
     iteration = iteration_number(folder)
     step = str(iteration) if iteration is not None else folder.name
     counters = _read_common(folder, iteration)
-    if not (folder / METADATA).is_file():
-        return _plan_one_card(folder, step, choice, counters)
-    meta = Metadata(folder)
-    headers = _Headers(folder, meta)
     params: dict[str, SourceParam] = {}
     grids: dict[str, Grid] = {}
     stage_ranks: dict[str, tuple[int, ...]] = {}
@@ -219,7 +234,7 @@ def _plan_iteration(folder: Path, choice: StepChoice | None) -> SourcePlan:
 
 def _assemble(
     meta: Metadata,
-    headers: _Headers,
+    headers: Headers,
     params: dict[str, SourceParam],
     grids: dict[str, Grid],
     stage_ranks: Mapping[str, tuple[int, ...]],
