@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +22,19 @@ import numpy as np
 
 from ms2hf.errors import FormatError, Ms2hfError
 from ms2hf.io.config_files import read_train_config
-from ms2hf.io.dtypes import to_numpy
+from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
+from ms2hf.io.safetensors_writer import ShardLayout
 from ms2hf.io.shard_digest import file_digest
 from ms2hf.io.sources import plan_training_output
 from ms2hf.io.sources.plan import SourceParam
-from ms2hf.pipeline.engine.assemble import assembled_bands, fit_row
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
 from ms2hf.pipeline.engine.checks import first_difference
+from ms2hf.pipeline.engine.execute import Sink, WriteTask, write_task
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, read_finished, read_run_record
+from ms2hf.pipeline.engine.progress import Progress
 from ms2hf.pipeline.lora import (
     ADAPTER_FILE,
     RUN_ADAPTER_CONFIG,
@@ -42,7 +42,7 @@ from ms2hf.pipeline.lora import (
     lora_given,
     run_adapter_config,
 )
-from ms2hf.pipeline.plan import lora_outputs, plan_lora
+from ms2hf.pipeline.plan import PlannedFile, PlannedTensor, lora_outputs, plan_lora
 from ms2hf.transforms.casts import TARGETS, output_dtype
 from ms2hf.transforms.pieces import OutputTensor
 from ms2hf.transforms.registry import expected_tensors, hf_model
@@ -218,33 +218,86 @@ def _check_record(folder: Path, headers: Mapping[str, object], report: VerifyRep
     report.checked.append(f"digests in {where}")
 
 
-def _compare_tensor(
-    folder: Path,
-    file: str,
-    info: TensorInfo,
-    tensor: OutputTensor,
+class _Compare:
+    """A file's sink that compares instead of writing: each tensor's recomputed bytes against
+    the bytes the file holds at its place; a tensor that differs is reported once, with the
+    first byte that does."""
+
+    def __init__(
+        self, path: Path, layout: ShardLayout, mapped: MappedFiles, differs: _Differs
+    ) -> None:
+        self.path = path
+        self.layout = layout
+        self.mapped = mapped
+        self.differs = differs
+        self.bad: set[str] = set()
+
+    def write(self, name: str, offset: int, data: np.ndarray) -> None:
+        if name in self.bad:
+            return
+        raw = data.reshape(-1).view(np.uint8)
+        at = self.layout.starts[name] + offset
+        written = self.mapped.view(self.path, at, np.dtype(np.uint8), raw.shape)
+        first = first_difference(raw, written)
+        if first is not None:
+            self.bad.add(name)
+            self.differs(name, offset + first)
+
+    def write_run(self, names: Sequence[str], sizes: Sequence[int], data: np.ndarray) -> None:
+        at = 0
+        for name, size in zip(names, sizes):
+            self.write(name, 0, data[at : at + size])
+            at += size
+
+    def commit(self) -> str:
+        return ""
+
+    def abort(self) -> None:
+        pass
+
+
+_Differs = Callable[[str, int], None]
+"""Told ``(tensor, byte offset in it)`` of the first byte of a tensor that differs."""
+
+
+def _planned_files(
+    outputs: Sequence[OutputTensor],
+    found: Mapping[str, tuple[str, TensorInfo]],
     params: Mapping[str, SourceParam],
-    mapped: MappedFiles,
-    buffer: np.ndarray,
-) -> str | None:
-    """Recompute ``tensor`` from the source into bands of ``info``'s dtype and compare."""
-    if info.shape != tensor.shape:
-        return (
-            f"{file}: {tensor.name} has shape {list(info.shape)}, "
-            f"the source gives {list(tensor.shape)}"
+    problems: dict[str, str],
+) -> tuple[tuple[PlannedFile, ...], dict[str, ShardLayout]]:
+    """The folder's files as a write plan of the tensors the source gives, in the dtypes the
+    files hold, at the places they hold them: what ``convert`` would make, to compare."""
+    by_file: dict[str, list[tuple[TensorInfo, PlannedTensor]]] = {}
+    for tensor in outputs:
+        if tensor.name not in found:
+            problems[tensor.name] = f"{tensor.name}: the source gives it, the folder lacks it"
+            continue
+        file, info = found[tensor.name]
+        source = params[tensor.source]
+        if info.shape != tensor.shape:
+            problems[tensor.name] = (
+                f"{file}: {tensor.name} has shape {list(info.shape)}, "
+                f"the source gives {list(tensor.shape)}"
+            )
+        elif info.dtype not in {output_dtype(source.dtype, t) for t in TARGETS}:
+            problems[tensor.name] = (
+                f"{file}: {tensor.name} is {info.dtype}, which no conversion of {source.dtype} "
+                "gives"
+            )
+        else:
+            by_file.setdefault(file, []).append((info, PlannedTensor(tensor, info.dtype)))
+    files, layouts = [], {}
+    for file, tensors in sorted(by_file.items()):
+        tensors.sort(key=lambda t: t[0].start)
+        files.append(PlannedFile(file, tuple(t for _, t in tensors)))
+        layouts[file] = ShardLayout(
+            b"",
+            tuple(t.entry for _, t in tensors),
+            {t.tensor.name: info.start for info, t in tensors},
+            0,
         )
-    param = params[tensor.source]
-    if info.dtype not in {output_dtype(param.dtype, t) for t in TARGETS}:
-        return f"{file}: {tensor.name} is {info.dtype}, which no conversion of {param.dtype} gives"
-    dtype = to_numpy(info.dtype)
-    buffer = fit_row(buffer, tensor, dtype)
-    for offset, _, raw in assembled_bands(tensor, dtype, buffer, params, mapped):
-        written = mapped.view(folder / file, info.start + offset, np.dtype(np.uint8), raw.shape)
-        at = first_difference(raw, written)
-        if at is not None:
-            row = (offset + at) // (tensor.row_elements * dtype.itemsize)
-            return f"{file}: {tensor.name} differs from the source (first at row {row})"
-    return None
+    return tuple(files), layouts
 
 
 def _check_against(
@@ -280,18 +333,23 @@ def _check_against(
                     f"{RUN_ADAPTER_CONFIG}: {key} is {got!r}, the training output gives {value!r}"
                 )
     budget = MemoryBudget.resolve(options.memory_budget, options.workers)
-    buffers = threading.local()
+    problems: dict[str, str] = {}
+    files, layouts = _planned_files(outputs, found, source.params, problems)
+    task = WriteTask(folder, files, layouts, source.params, None, budget)
 
-    def check(tensor: OutputTensor) -> str | None:
-        if tensor.name not in found:
-            return f"{tensor.name}: the source gives it, the folder lacks it"
-        if not hasattr(buffers, "band"):
-            buffers.band = np.empty(budget.band_bytes, np.uint8)
-        file, info = found[tensor.name]
-        return _compare_tensor(folder, file, info, tensor, source.params, mapped, buffers.band)
+    def differs(name: str, at: int) -> None:
+        file, info = found[name]
+        row = at // max(1, nbytes(info.dtype, info.shape[1:]))
+        problems[name] = f"{file}: {name} differs from the source (first at row {row})"
 
-    with MappedFiles() as mapped, ThreadPoolExecutor(budget.workers) as pool:
-        report.problems += [p for p in pool.map(check, outputs) if p is not None]
+    def compare(task: WriteTask, f: PlannedFile) -> Sink:
+        return _Compare(folder / f.name, task.layouts[f.name], mapped, differs)
+
+    # The same jobs convert runs (small tensors in runs, their parameters staged once), into
+    # sinks that compare instead of writing.
+    with MappedFiles() as mapped, Progress(0, "verify", False) as progress:
+        write_task(task, mapped, progress, lambda name, digest: None, compare)
+    report.problems += [problems[t.name] for t in outputs if t.name in problems]
     produced = {t.name for t in outputs}
     for name in sorted(set(found) - produced):
         report.problems.append(f"{found[name][0]}: {name} does not come from {training_output}")

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -53,6 +54,29 @@ then not checked one by one."""
 
 Committed = Callable[[str, str], None]
 """Told ``(file name, content digest)`` as each file gets its final name."""
+
+
+class Sink(Protocol):
+    """Where one file's bytes go, tensor by tensor (each front to back): a ``ShardWriter``, or
+    ``verify``'s comparison with a file already written."""
+
+    def write(self, name: str, offset: int, data: np.ndarray) -> None: ...
+
+    def write_run(self, names: Sequence[str], sizes: Sequence[int], data: np.ndarray) -> None:
+        """Whole tensors, one after another in the layout's order, their bytes in ``data``."""
+
+    def commit(self) -> str: ...
+
+    def abort(self) -> None: ...
+
+
+Opener = Callable[["WriteTask", PlannedFile], Sink]
+"""Makes the sink of one file of a task."""
+
+
+def open_shard(task: WriteTask, f: PlannedFile) -> Sink:
+    """The file, written under a temporary name of the task's attempt (the default sink)."""
+    return ShardWriter(task.folder / f.name, task.layouts[f.name], task.attempt)
 
 
 @dataclass(frozen=True)
@@ -91,17 +115,23 @@ class WriteTask:
 
 
 class _OpenFile:
-    def __init__(self, writer: ShardWriter, remaining: int) -> None:
+    def __init__(self, writer: Sink, layout: ShardLayout, remaining: int) -> None:
         self.writer = writer
         self.remaining = remaining
-        self.order = {e.name: i for i, e in enumerate(writer.layout.entries)}
+        self.order = {e.name: i for i, e in enumerate(layout.entries)}
 
 
 class _Run:
     def __init__(
-        self, task: WriteTask, mapped: MappedFiles, progress: Progress, committed: Committed
+        self,
+        task: WriteTask,
+        mapped: MappedFiles,
+        progress: Progress,
+        committed: Committed,
+        opener: Opener,
     ) -> None:
         self.task = task
+        self.opener = opener
         self.params = task.params
         self.mapped = mapped
         self.progress = progress
@@ -123,10 +153,8 @@ class _Run:
             job = next(self.jobs, None)
             if job is not None and job.file.name not in self.open:
                 f = job.file
-                writer = ShardWriter(
-                    self.task.folder / f.name, self.task.layouts[f.name], self.task.attempt
-                )
-                self.open[f.name] = _OpenFile(writer, len(f.tensors))
+                writer = self.opener(self.task, f)
+                self.open[f.name] = _OpenFile(writer, self.task.layouts[f.name], len(f.tensors))
             return job
 
     def _done(self, job: Job) -> None:
@@ -157,7 +185,7 @@ class _Run:
             raise
 
     def _write_tensor(
-        self, writer: ShardWriter, planned: PlannedTensor, buffer: np.ndarray
+        self, writer: Sink, planned: PlannedTensor, buffer: np.ndarray
     ) -> np.ndarray:
         tensor = planned.tensor
         dtype = to_numpy(planned.dtype)
@@ -233,12 +261,17 @@ class _Run:
 
 
 def write_task(
-    task: WriteTask, mapped: MappedFiles, progress: Progress, committed: Committed
+    task: WriteTask,
+    mapped: MappedFiles,
+    progress: Progress,
+    committed: Committed,
+    opener: Opener = open_shard,
 ) -> None:
     """Write every file of ``task`` with ``task.budget.workers`` threads, reading through
     ``mapped``; ``committed`` is told of each file as it gets its final name. On failure, no
-    unfinished file is left behind (files already committed stay)."""
-    run = _Run(task, mapped, progress, committed)
+    unfinished file is left behind (files already committed stay). ``opener`` gives each
+    file's sink: the file itself, by default."""
+    run = _Run(task, mapped, progress, committed, opener)
     try:
         if task.budget.workers == 1:
             run.worker()
