@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import mmap
+import os
 import shutil
 from pathlib import Path
 
@@ -150,10 +151,15 @@ def test_reads_no_tensor_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
             f.seek(start)
             f.write(bytes(range(256)) * ((size - start) // 256) + b"\x7f" * ((size - start) % 256))
 
-    def no_mmap(*args: object, **kwargs: object) -> None:
-        raise AssertionError("inspect mapped a file")
+    real_mmap = mmap.mmap
 
-    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    def no_safetensors_mmap(fileno: int, *args: object, **kwargs: object) -> mmap.mmap:
+        path = os.readlink(f"/proc/self/fd/{fileno}")
+        if path.endswith(".safetensors"):
+            raise AssertionError(f"inspect mapped {path}")
+        return real_mmap(fileno, *args, **kwargs)  # metadata.json: no tensor byte
+
+    monkeypatch.setattr(mmap, "mmap", no_safetensors_mmap)
     got = inspect(copy).to_dict()
     want = inspect(src).to_dict()
     assert {k: v for k, v in got.items() if k != "path"} == {
@@ -315,10 +321,15 @@ def test_checkpoint2_inspect_reads_no_tensor_bytes(
             f.seek(start)
             f.write(b"\x7f" * (size - start))
 
-    def no_mmap(*args: object, **kwargs: object) -> None:
-        raise AssertionError("inspect mapped a file")
+    real_mmap = mmap.mmap
 
-    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    def no_safetensors_mmap(fileno: int, *args: object, **kwargs: object) -> mmap.mmap:
+        path = os.readlink(f"/proc/self/fd/{fileno}")
+        if path.endswith(".safetensors"):
+            raise AssertionError(f"inspect mapped {path}")
+        return real_mmap(fileno, *args, **kwargs)  # metadata.json: no tensor byte
+
+    monkeypatch.setattr(mmap, "mmap", no_safetensors_mmap)
     got, want = inspect(copy).to_dict(), inspect(src).to_dict()
     assert {k: v for k, v in got.items() if k != "path"} == {
         k: v for k, v in want.items() if k != "path"

