@@ -22,6 +22,7 @@ from benchmarks.bench import Bench, Case, Step
 from benchmarks.floor import MODES as FLOOR_MODES
 from benchmarks.machine import describe
 from benchmarks.ranks import RANKS, evaluate_ranks, measure_ranks, print_ranks, rank_workloads
+from benchmarks.ray_overhead import measure_ray
 from benchmarks.report import (
     MEMCAP_LIMIT,
     MEMORY_BUDGET,
@@ -54,6 +55,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "plan": ("P4096", "P4096-dedup"),
     "lora": ("W-lora",),
     "ranks": RANKS,
+    "ray": ("W",),
 }
 """Each section -> the workloads it measures: only those are generated and planned."""
 SECTIONS = tuple(NEEDS)
@@ -341,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plans = {}
     if "plan" in sections:
         plans = planning(bench, {name: roots[name] for name in NEEDS["plan"]})
+    if "ray" in sections:
+        checks.update(measure_ray(bench, roots["W"], shapes["W"], files_identical))
     ranks = {}
     if "ranks" in sections:
         ranks = measure_ranks(bench, {n: roots[n] for n in NEEDS["ranks"]}, files_identical)

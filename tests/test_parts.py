@@ -48,7 +48,7 @@ def _part(out: Path, part: str) -> subprocess.Popen[bytes]:
 
 
 def test_parts_run_at_once_then_the_finishing_run_gives_the_local_bytes(
-    tmp_path: Path, local: dict[str, bytes]
+    tmp_path: Path, local: dict[str, bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "hf"
     jobs = [_part(out, f"{i}/3") for i in (1, 2, 3)]
@@ -57,6 +57,8 @@ def test_parts_run_at_once_then_the_finishing_run_gives_the_local_bytes(
     written = identities(out)
     assert sorted(written) == sorted(n for n in local if n.endswith(".safetensors"))
     assert not (out / HF_INDEX).exists() and not (out / "config.json").exists()
+    assert main(["verify", str(out)]) == 1
+    assert "parts of a run not finished yet" in capsys.readouterr().out
     assert main(["convert", str(SOURCE), str(out), "-q", *SHARDS]) == 0
     assert every_file(out) == local
     assert identities(out) == written  # the parts' files were checked and kept, not rewritten

@@ -33,7 +33,12 @@ from ms2hf.io.sources.plan import SourceParam
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
 from ms2hf.pipeline.engine.checks import first_difference
 from ms2hf.pipeline.engine.execute import Sink, WriteTask, write_task
-from ms2hf.pipeline.engine.output_dir import RUN_RECORD, read_finished, read_run_record
+from ms2hf.pipeline.engine.output_dir import (
+    RUN_RECORD,
+    part_records,
+    read_finished,
+    read_run_record,
+)
 from ms2hf.pipeline.engine.progress import Progress
 from ms2hf.pipeline.lora import (
     ADAPTER_FILE,
@@ -200,6 +205,12 @@ def _check_shapes(
 def _check_record(folder: Path, headers: Mapping[str, object], report: VerifyReport) -> None:
     """Shards an ms2hf run finished must still be the bytes it wrote: the digests a finished run
     left in the index, or those an unfinished run recorded so far (it never finished the rest)."""
+    parts = part_records(folder)
+    if parts:
+        report.problems.append(
+            f"{', '.join(parts)}: parts of a run not finished yet (--part); the same command "
+            "without --part checks them and finishes"
+        )
     record = read_run_record(folder)
     if record == {}:
         report.problems.append(f"{RUN_RECORD}: unreadable")
