@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ms2hf.cli import main
+from ms2hf.commands.merge import MergeOptions, merge
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.pipeline.parts import split
 from ms2hf.pipeline.plan import PlannedFile
@@ -147,3 +148,15 @@ def _split(sizes: list[int], count: int) -> list[int]:
             return sizes[int(self.name)]
 
     return split([Sized(str(i), ()) for i in range(len(sizes))], count)
+
+
+def test_merge_in_parts_gives_the_unified_folder_of_one_run(tmp_path: Path) -> None:
+    """Parts are the run's, whatever it writes: a unified folder, whose record stays complete."""
+    checkpoint, strategy = SOURCE / "checkpoint", SOURCE / "strategy"
+    whole = merge(checkpoint, strategy, tmp_path / "whole", MergeOptions(part_size=100_000))
+    for part in ("1/3", "3/3", "2/3"):
+        options = MergeOptions(part_size=100_000, part=part)  # type: ignore[arg-type]
+        merge(checkpoint, strategy, tmp_path / "parts", options)
+    done = merge(checkpoint, strategy, tmp_path / "parts", MergeOptions(part_size=100_000))
+    assert len(whole.parts) >= 3
+    assert every_file(done.output_dir) == every_file(whole.output_dir)

@@ -175,6 +175,7 @@ class OutputRun:
         if not kind.publishable:
             write_json(self.folder / kind.index, document)
             self.complete = True
+            self.identities.clear()  # for resuming only: a finished record is the same anywhere
             self.save()
             return
         if kind.foreign_index:
