@@ -2,7 +2,7 @@
 program tests/test_ray.py starts inside fresh network and pid namespaces (so that everything Ray
 listens on is loopback, and nothing it starts outlives the test).
 
-    python tests/ray_cluster.py SRC WORK [CONVERT OPTIONS...]
+    python tests/ray_cluster.py SRC POISONED WORK [CONVERT OPTIONS...]
 
 0. A task no host can hold (``--memory-budget`` beyond every host's memory): refused at once.
 1. A worker killed mid-run: node b's first shard task stops before renaming its file into place
@@ -10,6 +10,7 @@ listens on is loopback, and nothing it starts outlives the test).
    node b is killed without warning. Ray retries its task on node a. Output: WORK/killed.
 2. A killed driver: every commit slowed down; the driver is SIGKILLed once two files are
    recorded, and the same command is run again. Output: WORK/resumed.
+3. A task that fails on bad input: POISONED (SRC with a NaN) converted with --strict.
 
 Prints one line ``RESULT {json}``: each driver's exit status, stdout and stderr, the files
 recorded before the kill and their identities, and timings. The checks are the test's.
@@ -94,7 +95,7 @@ def _recorded(out: Path) -> dict[str, str]:
         return {}
 
 
-def main(src: str, work: Path, extra: list[str]) -> dict[str, object]:
+def main(src: str, poisoned: str, work: Path, extra: list[str]) -> dict[str, object]:
     assert sorted(name for _, name in socket.if_nameindex()) == ["lo"], "not in a fresh netns"
     root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     marks = root / "marks"
@@ -149,6 +150,12 @@ def main(src: str, work: Path, extra: list[str]) -> dict[str, object]:
         drivers.append(driver := _driver(src, out, cluster.address, extra))
         result["resumed"] = _finish(driver)
         timings["resumed"] = time.monotonic() - t
+
+        # 3. a task refusing its input: said by the driver as a local run says it
+        drivers.append(
+            driver := _driver(poisoned, work / "strict", cluster.address, [*extra, "--strict"])
+        )
+        result["strict"] = _finish(driver)
     finally:
         for driver in drivers:
             if driver.poll() is None:
@@ -169,5 +176,5 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 if __name__ == "__main__":
-    doc = main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
+    doc = main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:])
     print("RESULT " + json.dumps(doc), flush=True)

@@ -18,10 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ms2hf.cli import main
 from tests.conftest import DATA
+from tests.edit_checkpoint import copy_fixture, edit_tensors, rank_file
 
 HERE = Path(__file__).resolve().parent
 SOURCE = DATA / "tiny_fp32"
@@ -65,7 +67,15 @@ def test_a_killed_worker_host_and_a_killed_driver_give_the_local_bytes(tmp_path:
     assert main(["convert", str(SOURCE), str(local), "-q", *OPTIONS]) == 0
     work = tmp_path / "work"
     work.mkdir()
-    helper = [sys.executable, str(HERE / "ray_cluster.py"), str(SOURCE), str(work), *OPTIONS]
+    poisoned = copy_fixture(SOURCE.name, tmp_path / "poisoned")
+    name = "decoder.layers.2.mlp.linear_fc2.weight"
+
+    def poison(tensors: dict[str, np.ndarray]) -> None:
+        tensors[name][5, 7] = np.nan
+
+    edit_tensors(rank_file(poisoned, 2), poison)
+    helper = [sys.executable, str(HERE / "ray_cluster.py"), str(SOURCE), str(poisoned)]
+    helper += [str(work), *OPTIONS]
     done = subprocess.run(
         [*NAMESPACES, *helper],
         capture_output=True,
@@ -89,6 +99,11 @@ def test_a_killed_worker_host_and_a_killed_driver_give_the_local_bytes(tmp_path:
         and "no host of the cluster can run a task of 1.0 GiB" in (refused["stderr"])
     )
     assert not any((work / "too-big").iterdir())
+    strict = result["strict"]
+    assert strict["rc"] == 2, strict["stderr"][-3000:]
+    assert "ms2hf convert: error: " in strict["stderr"] and ": on host " in strict["stderr"]
+    assert "model.layers.2.mlp.down_proj.weight" in strict["stderr"]
+    assert "--strict refuses non-finite weights" in strict["stderr"]
     # The files the killed driver had recorded were trusted and kept by the rerun.
     kept = result["kept"]
     assert kept

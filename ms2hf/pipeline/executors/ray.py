@@ -147,8 +147,10 @@ class _Collect(logging.Handler):
 
 def write_group(task: WriteTask) -> GroupResult:
     """A Ray task: write the files of ``task`` on this host (the unit of work of every run),
-    under temporary names of this attempt's own."""
-    attempt = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    under temporary names of this attempt's own. A bad input or a full disk is said as a local
+    run says it, with the host it happened on."""
+    host = socket.gethostname()
+    attempt = f"{host}-{os.getpid()}-{secrets.token_hex(4)}"
     committed: list[tuple[str, str]] = []
     collect = _Collect()
     logger = logging.getLogger("ms2hf")
@@ -158,8 +160,21 @@ def write_group(task: WriteTask) -> GroupResult:
             done = lambda name, digest: committed.append((name, digest))  # noqa: E731
             write_task(dataclasses.replace(task, attempt=attempt), mapped, progress, done)
             return GroupResult(committed, mapped.bytes_viewed, collect.messages)
+    except Ms2hfError as e:
+        raise type(e)(f"on host {host}: {e}{_shared_hint(e, task)}") from e
     finally:
         logger.removeHandler(collect)
+
+
+def _shared_hint(error: Ms2hfError, task: WriteTask) -> str:
+    """A file missing on a task's host is most often a folder the host does not share."""
+    missing = not task.folder.is_dir() or "No such file" in str(error)
+    return (
+        "; --ray needs the training output and the output folder on a file system every host "
+        "of the cluster sees, at the same path"
+        if missing
+        else ""
+    )
 
 
 @contextlib.contextmanager
@@ -244,7 +259,13 @@ class RayExecutor:
         ray = _import_ray()
         address = resolve_address(self.address)
         with _quiet_stdout():
-            ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="WARNING")
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise Ms2hfError(
+                    f"--ray {self.address}: cannot join the Ray cluster at {address}: {e} (this "
+                    f"host runs Ray {ray.__version__}; the cluster must run the same)"
+                ) from e
             try:
                 _check_fits(ray, budget)
                 yield
