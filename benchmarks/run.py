@@ -154,6 +154,7 @@ def memory_runs(
     tensors; their outputs must equal the uncapped convert's ``reference`` output."""
     if bench.memcap_note:
         bench.log(f"note: memory runs skipped: memcap unavailable: {bench.memcap_note}")
+        bench.release(reference)  # the next section writes its own
         return {}
     name = workload.name
     bench.log(f"memory: {name} under memcap {MEMCAP_LIMIT} with --memory-budget {MEMORY_BUDGET}")
