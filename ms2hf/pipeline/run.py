@@ -271,16 +271,24 @@ class _Writing:
         names = [] if part else [s.name for s in then]
         identify = part is not None or self.executor.remote
         with claim_output_dir(
-            self.folder, run_fingerprint, sizes, names, self.options.overwrite, self.kind,
-            inputs, part, identify,
-        ) as output:  # fmt: skip
+            self.folder,
+            run_fingerprint,
+            sizes,
+            names,
+            self.options.overwrite,
+            kind=self.kind,
+            inputs=inputs,
+            part=part,
+            identify=identify,
+        ) as output:
             pending = [f for f in mine if f.name not in output.finished]
             if len(pending) < len(mine):
                 log.info(
-                    "resuming: %d of %d file(s) already complete in %s (checked)",
+                    "resuming: %d of %d file(s) already complete in %s (checked%s)",
                     len(mine) - len(pending),
                     len(mine),
                     self.folder,
+                    f"; written by {output.parts_taken} part(s)" if output.parts_taken else "",
                 )
                 progress.advance(sum(f.nbytes for f in mine if f.name in output.finished))
             task = self._task(pending, layouts, check)

@@ -140,6 +140,8 @@ class OutputRun:
         """Record each committed shard's identity too (``IDENTITY``): shards written on other
         hosts (parts, Ray tasks) are then trusted by it instead of read back."""
         self.identities = dict(identities or {})
+        self.parts_taken = 0
+        """Part records this run took over (a run finishing parts)."""
         self.complete = False
         self.path = folder / (part_record_name(part) if part else RUN_RECORD)
         self._lock = threading.Lock()
@@ -500,6 +502,7 @@ def claim_output_dir(
         run.save()
         for name in earlier.parts:  # taken over: the run's own record now holds what they did
             _unlink(folder / name)
+        run.parts_taken = sum(1 for d in earlier.parts.values() if d["fingerprint"] == fingerprint)
         for name in set(part_records(folder)) - set(earlier.parts):
             _unlink(folder / name)  # unreadable
         yield run
