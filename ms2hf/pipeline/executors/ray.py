@@ -109,7 +109,9 @@ def resolve_address(address: str) -> str:
 
 
 def _local_cluster() -> str:
-    """The cluster ``ray start`` last started on this host (what Ray's own ``auto`` finds)."""
+    """The cluster ``ray start`` last started on this host: what Ray's own ``auto`` finds (the
+    address it keeps under its temporary folder, else a running GCS server's), through its
+    lookup function, which the pinned Ray version keeps in ``ray._private.services``."""
     ray = _import_ray()
     from ray._private.services import get_ray_address_from_environment
 
@@ -237,7 +239,10 @@ def _result(ray: Any, ref: Any, files: Sequence[PlannedFile]) -> GroupResult:
         cause = getattr(e, "cause", None)
         if isinstance(cause, Ms2hfError):
             raise cause from None  # a bad input, a full disk: as a local run says it
-        raise OutputError(f"the Ray task writing {_names(files)} failed: {e}") from e
+        raise OutputError(
+            f"the Ray task writing {_names(files)} failed (is ms2hf, of this version, installed "
+            f"in the Python every host of the cluster runs?): {e}"
+        ) from e
     except ray.exceptions.RayError as e:
         raise OutputError(
             f"the Ray task writing {_names(files)} died {MAX_RETRIES + 1} times (its worker or "
