@@ -321,8 +321,11 @@ def _write_files(
                 entries = [TensorEntry(t.name, config.source_dtype, t.shape) for t in tensors]
                 writers.append(ShardWriter(root / path, layout_shard(entries, HF_METADATA)))
                 expected.update(dict.fromkeys((t.name for t in tensors), writers[-1]))
+        by_source: dict[str, list[OutputTensor]] = {}
+        for t in outputs:
+            by_source.setdefault(t.source, []).append(t)
         for p in placed:
-            made_of = [t for t in outputs if t.source == p.spec.name]
+            made_of = by_source.get(p.spec.name, [])
             full = _build_param(p, made_of, config, expected, *given)
             for slot in slots.get(p.spec.name, ()):
                 transform = _adam_state(slot.state) if slot.state else None
