@@ -82,7 +82,8 @@ def _import_ray() -> ModuleType:
             f"--ray needs Ray, which is not installed here ({e}): pip install 'ms2hf[ray]' "
             "(the version every host of the cluster runs)"
         ) from e
-    return ray
+    module: ModuleType = ray  # a Module, whether or not mypy sees Ray's own types
+    return module
 
 
 def resolve_address(address: str) -> str:
