@@ -88,3 +88,11 @@ def test_each_command_has_help(command: str, capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as status:
         main([command, "--help"])
     assert status.value.code == 0 and f"usage: ms2hf {command}" in capsys.readouterr().out
+
+
+def test_the_readme_test_command_is_what_ci_runs() -> None:
+    """The README's second set-up command is ``.ci/run``'s, verbatim: what a reader runs is
+    what CI runs."""
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci.startswith("python3 -m venv .venv && ") and "pytest" in ci
+    assert ci in README
