@@ -55,15 +55,36 @@ def convert(
     strategy_dir: str | os.PathLike[str] | None = None,
     **overrides: Any,
 ) -> ConvertReport:
-    """Convert a training output into a Hugging Face folder: the folder holding ``checkpoint/``
-    (legacy rank folders with ``strategy/`` beside, or Checkpoint 2.0 iterations), the
-    ``checkpoint/`` folder itself, or one ``iteration_XXXXXXXX/`` folder.
+    """Convert a training output into a Hugging Face checkpoint folder, in one streaming pass.
 
-    Keyword options are ``ConvertOptions`` fields: ``dtype``, ``max_shard_size``, ``step``,
-    ``config``, ``reference_config``, ``tokenizer_dir``, ``given``, ``routing_scale``,
-    ``memory_budget``, ``workers``, ``overwrite``, ``progress``, ``strict``; on a LoRA fine-tune
-    ``lora`` (``merged``, ``adapter`` or ``base``), ``lora_alpha`` and ``base_model``. Raises
-    ``Ms2hfError`` on any problem with the input, the options or the output folder.
+    Args:
+        training_output: the folder holding ``checkpoint/`` (legacy rank folders with
+            ``strategy/`` beside them, or Checkpoint 2.0 iterations), the ``checkpoint/`` folder
+            itself, or one ``iteration_XXXXXXXX/`` folder. None when ``checkpoint_dir`` (and, for
+            the legacy format, ``strategy_dir``) name the folders instead.
+        out_dir: the Hugging Face folder to write (created; an ms2hf folder left unfinished by a
+            killed run is resumed).
+        options: a ``ConvertOptions`` to start from; keyword ``overrides`` are applied on top.
+        checkpoint_dir: the rank folders' (or iterations') parent, when not under
+            ``training_output``.
+        strategy_dir: the legacy strategy files (a folder or one merged file), when elsewhere.
+        **overrides: ``ConvertOptions`` fields, e.g. ``dtype="bf16"``, ``max_shard_size="5GB"``
+            (sizes as text or bytes), ``step``, ``config`` (training yaml), ``reference_config``,
+            ``tokenizer_dir``, ``given`` (``{"max_position_embeddings": 40960}``, as ``--set``),
+            ``routing_scale`` (``"fold"``/``"ignore"``), ``lora`` (``"merged"``, ``"adapter"``,
+            ``"base"``), ``lora_alpha``, ``base_model``, ``memory_budget``, ``workers``,
+            ``overwrite``, ``progress``, ``strict``, ``check_replicas``, ``part`` (``"1/4"``: this
+            job's share of the files) and ``ray`` (a cluster address, or ``"auto"``).
+
+    Returns:
+        A ``ConvertReport``: the files and tensors written, bytes read and written, seconds,
+        peak memory, where each config.json value came from, and notes (``to_dict()`` gives
+        what ``ms2hf convert --json`` prints).
+
+    Raises:
+        Ms2hfError: any problem with the input, the options or the output folder, with a
+            message naming the file, parameter and what was expected; nothing half-written is
+            left looking finished.
     """
     return _convert.convert(
         training_output,
@@ -77,9 +98,23 @@ def convert(
 def inspect(
     path: str | os.PathLike[str], options: ConvertOptions | None = None, **overrides: Any
 ) -> InspectReport:
-    """Describe a training output, unified folder or Hugging Face folder from headers alone.
+    """Describe a checkpoint from its headers and layout metadata alone (no tensor byte read).
 
-    Options as for ``convert`` (``dtype``, ``max_shard_size``, ``step``, ``config``,
-    ``reference_config``, ``tokenizer_dir``) shape the "what convert would write" part.
+    Args:
+        path: a training output (either format, as ``convert`` takes it), a unified folder
+            (what ``merge`` writes) or a Hugging Face folder.
+        options: a ``ConvertOptions`` to start from.
+        **overrides: ``ConvertOptions`` fields that shape the "what convert would write" part:
+            ``dtype``, ``max_shard_size``, ``step``, ``config``, ``reference_config``,
+            ``tokenizer_dir``, ``given``, ``lora``...
+
+    Returns:
+        An ``InspectReport``: format, steps present and the one read, ranks and stages, every
+        parameter's shape, dtype and how it is split and saved, byte counts, the model and its
+        config.json with each value's origin, LoRA details, and the files convert would write
+        (``to_dict()`` gives what ``ms2hf inspect --json`` prints).
+
+    Raises:
+        Ms2hfError: the path is no checkpoint ms2hf reads, or its files are damaged.
     """
     return _inspect.inspect(path, make_options(options, **overrides))

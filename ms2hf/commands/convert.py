@@ -111,6 +111,8 @@ class ConvertOptions(RunOptions):
 
 @dataclass
 class ConvertReport:
+    """What a conversion did: returned by ``ms2hf.convert``, printed by ``convert --json``."""
+
     output_dir: Path
     model_type: str
     files: list[str]

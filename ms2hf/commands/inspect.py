@@ -142,6 +142,9 @@ class OutputReport:
 
 @dataclass(frozen=True)
 class InspectReport:
+    """What a checkpoint holds and what ``convert`` would make of it: returned by
+    ``ms2hf.inspect``, printed by ``inspect`` (``--json``: ``to_dict()``)."""
+
     path: Path
     kind: str
     source_format: str | None
