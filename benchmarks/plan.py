@@ -12,8 +12,10 @@ from pathlib import Path
 
 from ms2hf.commands.convert import ConvertOptions, plan_for
 from ms2hf.io.sources import plan_training_output
+from ms2hf.pipeline.engine.memory import paused_gc
 
 
+@paused_gc()  # as convert plans
 def main(argv: list[str]) -> int:
     (root,) = argv
     started, cpu = time.perf_counter(), time.process_time()

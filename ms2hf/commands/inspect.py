@@ -29,6 +29,7 @@ from ms2hf.io.sources.plan import LEGACY, Block, SourceParam, SourcePlan
 from ms2hf.io.sources.unified import plan_unified
 from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.io.unified_format import PARAM_NAME_MAP
+from ms2hf.pipeline.engine.memory import paused_gc
 from ms2hf.pipeline.lora import RUN_ADAPTER_CONFIG, LoraPlan
 from ms2hf.pipeline.run import jsonable
 from ms2hf.transforms.lora import LORA_KEY
@@ -198,6 +199,7 @@ def detect_kind(path: Path) -> str:
     return HUGGING_FACE if SafetensorsHeader(files[0]).metadata.get("format") == "pt" else UNIFIED
 
 
+@paused_gc()
 def inspect(path: str | os.PathLike[str], options: ConvertOptions | None = None) -> InspectReport:
     """Describe the checkpoint at ``path``; ``options`` as ``convert`` would get them."""
     path = Path(path)

@@ -33,6 +33,7 @@ from ms2hf.io.sources.plan import SourceParam
 from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
 from ms2hf.pipeline.engine.checks import first_difference
 from ms2hf.pipeline.engine.execute import Sink, WriteTask, write_task
+from ms2hf.pipeline.engine.memory import paused_gc
 from ms2hf.pipeline.engine.output_dir import (
     RUN_RECORD,
     part_records,
@@ -367,6 +368,7 @@ def _check_against(
     report.checked.append(f"bytes against {training_output} (step {source.step})")
 
 
+@paused_gc()
 def verify(
     hf_dir: str | Path, against: str | Path | None = None, options: VerifyOptions | None = None
 ) -> VerifyReport:

@@ -12,11 +12,9 @@ a copy of the ``-model-`` files alone converts. Which iteration is read is
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -177,28 +175,11 @@ def _read_common(folder: Path, iteration: int | None) -> dict[str, Any]:
     return doc
 
 
-@contextmanager
-def _without_gc() -> Iterator[None]:
-    """Planning a large save makes millions of small objects, none in a cycle; the cyclic
-    collector would scan them over and over and find nothing (half the planning time of a
-    4096-rank save)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 def plan_iteration(folder: Path, choice: StepChoice | None = None) -> SourcePlan:
     """Plan reading one iteration folder: every model parameter's blocks, from ``metadata.json``
-    and the ``-model-`` files' headers; optimizer files are never opened."""
-    with _without_gc():
-        return _plan_iteration(folder, choice)
-
-
-def _plan_iteration(folder: Path, choice: StepChoice | None) -> SourcePlan:
+    and the ``-model-`` files' headers; optimizer files are never opened. A large save makes
+    millions of small objects: the commands plan with the cyclic collector paused
+    (``ms2hf.pipeline.engine.memory.paused_gc``)."""
     if not (folder / METADATA).is_file():
         iteration = iteration_number(folder)
         step = str(iteration) if iteration is not None else folder.name
