@@ -23,9 +23,7 @@ Needs the ``test-hf`` extra (transformers, peft, a CPU torch); skipped without i
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,19 +43,12 @@ else:
     peft = pytest.importorskip("peft")
 
 import ms2hf
-from ms2hf.generator import GeneratorConfig, LoraConfig, MoeConfig, generate
+from ms2hf.generator import LoraConfig, MoeConfig, generate
 from tests.conftest import load_tensors
+from tests.hf_clients import ATTENTION, SIZES, training_run
+from tests.hf_clients import client_warnings as logged_warnings
 from tests.oracle import lora as oracle
 
-SIZES = {
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-}
 SETTINGS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 128, "bos_token_id": 1}
 MOE = {
     "num_experts": 8,
@@ -72,7 +63,6 @@ MOE_TARGETS = ".*linear_qkv|.*linear_proj"
 """Qwen3-MoE's LoRA is on attention: with the dense layer's MLP too, PEFT 0.21 on transformers
 5 cannot load the adapter (it turns every gate/up/down target into the fused experts;
 docs/lora.md#4), which ``ms2hf`` says when it writes one."""
-ATTENTION = "eager"
 SHARED_A = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
 """Modules whose lora_A is another's: MindSpore's fused linear_qkv and linear_fc1 have one."""
 
@@ -124,46 +114,18 @@ def merged_by_the_rule(base: dict[str, np.ndarray], lora: dict[str, np.ndarray])
 
 
 def training_output(moe: bool, weights: dict[str, np.ndarray], out: Path) -> Path:
-    config = GeneratorConfig(
-        layers=SIZES["num_hidden_layers"],
-        hidden=SIZES["hidden_size"],
-        heads=SIZES["num_attention_heads"],
-        groups=SIZES["num_key_value_heads"],
-        head_dim=SIZES["head_dim"],
-        ffn=SIZES["intermediate_size"],
-        vocab=SIZES["vocab_size"],
-        tp=2,
-        pp=2,
+    config = training_run(
         moe=MoeConfig(experts=8, moe_ffn=32, top_k=2, ep=2, mlp_only_layers=(0,)) if moe else None,
         lora=LoraConfig(rank=RANK, alpha=ALPHA, target_modules=MOE_TARGETS if moe else DENSE),
     )
     return generate(config, out, weights).root
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 @pytest.fixture
 def client_warnings() -> Iterator[list[str]]:
     """Every warning transformers or PEFT logs or raises while the test runs."""
-    records = _Records()
-    loggers = [logging.getLogger(name) for name in ("transformers", "peft")]
-    for logger in loggers:
-        logger.addHandler(records)
-    with warnings.catch_warnings(record=True) as raised:
-        warnings.simplefilter("always")
-        yield records.messages
-        records.messages += [
-            str(w.message) for w in raised if "transformers" in w.filename or "peft" in w.filename
-        ]
-    for logger in loggers:
-        logger.removeHandler(records)
+    with logged_warnings("transformers", "peft") as messages:
+        yield messages
 
 
 def load(path: Path) -> Any:

@@ -10,9 +10,7 @@ Needs the ``test-hf`` extra (transformers and a CPU torch); skipped without it, 
 from __future__ import annotations
 
 import json
-import logging
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,18 +26,10 @@ else:
     transformers = pytest.importorskip("transformers")
 
 import ms2hf
-from ms2hf.generator import GeneratorConfig, MoeConfig, generate
+from ms2hf.generator import MoeConfig, generate
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, load_tensors
+from tests.hf_clients import ATTENTION, SIZES, client_warnings, training_run
 
-SIZES = {
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-}
 SETTINGS = {
     "rms_norm_eps": 1e-5,
     "max_position_embeddings": 128,
@@ -49,7 +39,6 @@ SETTINGS = {
 }
 """What the weights cannot tell: this reaches config.json through ``reference_config`` only."""
 MOE = MoeConfig(experts=8, moe_ffn=32, top_k=2, ep=2, mlp_only_layers=(0,))
-ATTENTION = "eager"
 
 
 def hf_entries(moe: MoeConfig | None, tied: bool) -> dict[str, Any]:
@@ -87,44 +76,16 @@ def write_training_output(original: Path, moe: MoeConfig | None, tied: bool, out
     """The project's generator, TP2 x PP2, with the saved model's tensors as its weights: the
     file, not the model's state dict, since transformers fuses a layer's experts in memory and
     saves them per expert, under the names a conversion writes (a tied head is saved once)."""
-    config = GeneratorConfig(
-        layers=SIZES["num_hidden_layers"],
-        hidden=SIZES["hidden_size"],
-        heads=SIZES["num_attention_heads"],
-        groups=SIZES["num_key_value_heads"],
-        head_dim=SIZES["head_dim"],
-        ffn=SIZES["intermediate_size"],
-        vocab=SIZES["vocab_size"],
-        tied=tied,
-        dtype="fp32",
-        tp=2,
-        pp=2,
-        moe=moe,
-    )
+    config = training_run(tied=tied, dtype="fp32", moe=moe)
     weights = load_tensors(original / "model.safetensors")
     return generate(config, out, weights).root
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 @pytest.fixture
 def transformers_warnings() -> Iterator[list[str]]:
     """Every warning transformers logs or raises while the test runs."""
-    records = _Records()
-    logger = logging.getLogger("transformers")
-    logger.addHandler(records)
-    with warnings.catch_warnings(record=True) as raised:
-        warnings.simplefilter("always")
-        yield records.messages
-        records.messages += [str(w.message) for w in raised if "transformers" in w.filename]
-    logger.removeHandler(records)
+    with client_warnings("transformers") as messages:
+        yield messages
 
 
 @pytest.mark.parametrize(
