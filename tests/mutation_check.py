@@ -81,11 +81,13 @@ MUTATIONS = (
     Mutation(
         "bf16-truncation",
         "ms2hf/transforms/casts.py",
-        '        np.copyto(dst, src, casting="unsafe")',
-        '        if dst.dtype.name == "bfloat16" and src.dtype == np.float32:\n'
-        "            dst.view(np.uint16)[...] = (src.view(np.uint32) >> 16).astype(np.uint16)\n"
-        "            return\n"
-        '        np.copyto(dst, src, casting="unsafe")',
+        '    """``cast_into``, for a caller inside ``quiet_casts``."""\n'
+        '    np.copyto(dst, src, casting="unsafe")',
+        '    """``cast_into``, for a caller inside ``quiet_casts``."""\n'
+        '    if dst.dtype.name == "bfloat16" and src.dtype == np.float32:\n'
+        "        dst.view(np.uint16)[...] = (src.view(np.uint32) >> 16).astype(np.uint16)\n"
+        "        return\n"
+        '    np.copyto(dst, src, casting="unsafe")',
         "cast: fp32 -> bf16 by truncation instead of round to nearest even",
     ),
     Mutation(

@@ -223,26 +223,29 @@ def test_a_retry_after_a_failed_run_is_not_another_runs_output(
 
 
 def test_an_interrupted_run_says_rerunning_resumes(tmp_path: Path) -> None:
-    """A model of 16 layers written one tensor per file (about 180 files, each made durable
-    before the next): interrupted after the third, long before the last."""
-    run16 = generate(
-        GeneratorConfig(layers=16, hidden=64, heads=4, groups=2, head_dim=16, ffn=64, vocab=256),
+    """A model of 32 layers written one tensor per file (about 350 files, each made durable
+    before the next): stopped as soon as its first file is there, interrupted, then let go, so
+    the interrupt always lands long before the last file, however busy the machine."""
+    run32 = generate(
+        GeneratorConfig(layers=32, hidden=64, heads=4, groups=2, head_dim=16, ffn=64, vocab=256),
         tmp_path / "train",
     )
     out = tmp_path / "hf"
-    argv = [sys.executable, "-m", "ms2hf.cli", "convert", str(run16.root), str(out), "-q"]
+    argv = [sys.executable, "-m", "ms2hf.cli", "convert", str(run32.root), str(out), "-q"]
     argv += ["--max-shard-size", "1", "--workers", "1", "--dtype", "source"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and len(list(out.glob("model-*.safetensors"))) < 3:
+    while time.monotonic() < deadline and not any(out.glob("model-*.safetensors")):
         time.sleep(0.001)
+    proc.send_signal(signal.SIGSTOP)
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "interrupted; no partial file was left behind" in err
     assert "file(s) finished and kept" in err and "run the same command again to resume" in err
     assert "Traceback" not in err
     assert subprocess.run(argv, check=False).returncode == 0
-    got, want = load_hf_dir(out), load_tensors(run16.expected)
+    got, want = load_hf_dir(out), load_tensors(run32.expected)
     assert sorted(got) == sorted(want)
     assert all(got[name].tobytes() == want[name].tobytes() for name in want)
