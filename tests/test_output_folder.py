@@ -241,11 +241,12 @@ def test_an_interrupted_run_says_rerunning_resumes(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     proc.send_signal(signal.SIGCONT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, f"exit status {proc.returncode}: {err}"
     assert "interrupted; no partial file was left behind" in err
     assert "file(s) finished and kept" in err and "run the same command again to resume" in err
     assert "Traceback" not in err
-    assert subprocess.run(argv, check=False).returncode == 0
+    rerun = subprocess.run(argv, check=False, stderr=subprocess.PIPE, text=True)
+    assert rerun.returncode == 0, f"rerun: exit status {rerun.returncode}: {rerun.stderr}"
     got, want = load_hf_dir(out), load_tensors(run32.expected)
     assert sorted(got) == sorted(want)
     assert all(got[name].tobytes() == want[name].tobytes() for name in want)
