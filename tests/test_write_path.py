@@ -1,6 +1,7 @@
 """The hot write path kept cheap without giving anything up: the page-sum checksum is the same
 however a tensor's bytes are cut into pieces and catches the damage it exists for; write-behind
-starts every range and waits only for ranges older than its window; bands stay cache-sized."""
+starts every range and waits only for ranges older than its window; bands stay cache-sized, but
+for a LoRA merge, whose buffer is larger, within the budget."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import ms2hf
 from ms2hf.io import writeback
 from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
 from ms2hf.io.shard_digest import PAGE_BYTES, TensorChecksum, checksum, file_digest
-from ms2hf.pipeline.engine.budget import MAX_BAND_BYTES, MemoryBudget
+from ms2hf.pipeline.engine import execute
+from ms2hf.pipeline.engine.budget import MAX_BAND_BYTES, MAX_MERGE_BYTES, MemoryBudget
 from tests.conftest import examples
 
 
@@ -118,3 +121,23 @@ def test_write_behind_starts_whole_pages_and_waits_only_beyond_the_window(
 def test_bands_are_cache_sized_whatever_the_budget() -> None:
     assert MemoryBudget(2**40, 2).band_bytes == MAX_BAND_BYTES <= 4 * 2**20
     assert MemoryBudget(2 * 2**20, 2).band_bytes == 2**20  # a small budget still lowers them
+
+
+def test_a_lora_merge_gets_a_larger_buffer_within_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert MemoryBudget(2**40, 2).merge_bytes == MAX_MERGE_BYTES > MAX_BAND_BYTES
+    assert MemoryBudget(8 * 2**20, 2).merge_bytes == 4 * 2**20  # each worker's share
+    assert MemoryBudget(2 * 2**20, 2).merge_bytes == 2**20  # never below a band buffer
+    sizes: dict[bool, set[int]] = {True: set(), False: set()}
+    assembled_bands = execute.assembled_bands
+
+    def recording(tensor, dtype, buffer, *rest):  # type: ignore[no-untyped-def]
+        sizes[tensor.delta is not None].add(len(buffer))
+        return assembled_bands(tensor, dtype, buffer, *rest)
+
+    monkeypatch.setattr(execute, "assembled_bands", recording)
+    fixture = Path(__file__).parent / "data-lora" / "tiny_lora_fp32_tp2pp2"
+    ms2hf.convert(fixture, tmp_path / "out", workers=2, memory_budget=2**30, progress=False)
+    assert sizes[True] == {MAX_MERGE_BYTES}  # the fine-tuned tensors
+    assert sizes[False] <= {MAX_BAND_BYTES}  # the others (this model's are small: written in runs)

@@ -2,7 +2,8 @@
 
 Source bytes come through memory maps (page cache, reclaimable), so the only memory a run owns is
 its band buffers: one per worker, sized so that all of them together stay within the budget, and
-never larger than the CPU cache, where they are fastest; so the budget only ever lowers them.
+never larger than the CPU cache, where they are fastest (but for a LoRA merge, whose short numpy
+calls want larger chunks); so the budget only ever lowers them.
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ and while it fits in cache only the first of those passes touches main memory. L
 slower, not faster (converting the 0.6B benchmark workload, warm: 2.5 s with 2 MiB bands, 3.0 s
 with 4 MiB, 3.1 s with 64 MiB; ``benchmarks/``), and hold memory for nothing."""
 MIN_BAND_BYTES = 1 * 2**20
+MAX_MERGE_BYTES = 16 * 2**20
+"""A worker's buffer while it makes a fine-tuned (LoRA-merged) tensor. The merge runs about a
+dozen numpy calls per chunk of rows (``ms2hf.transforms.lora_merge``); in half of a 2 MiB band
+buffer a chunk is 2 to 22 rows, so a run makes about a million short calls and two workers spend
+their time handing the interpreter lock to each other. Converting the W-lora benchmark workload
+warm with two workers (one BLAS thread): 6.7 s with 2 MiB, 3.7 s with 4 MiB, 2.8 s with 16 and
+32 MiB, 2.9 s with 64 MiB."""
 
 
 def parse_size(text: str) -> int:
@@ -118,3 +126,9 @@ class MemoryBudget:
     def band_bytes(self) -> int:
         """The size of each worker's reused buffer."""
         return max(MIN_BAND_BYTES, min(MAX_BAND_BYTES, self.total // self.workers))
+
+    @property
+    def merge_bytes(self) -> int:
+        """The size of a worker's buffer while it merges LoRA (it replaces the band buffer, so
+        the workers' buffers together still stay within the budget)."""
+        return max(self.band_bytes, min(MAX_MERGE_BYTES, self.total // self.workers))

@@ -37,6 +37,7 @@ from ms2hf.pipeline.engine.assemble import (
     stage,
     staged_bytes,
 )
+from ms2hf.pipeline.engine.blas import one_blas_thread
 from ms2hf.pipeline.engine.budget import MemoryBudget
 from ms2hf.pipeline.engine.checks import source_has_nonfinite
 from ms2hf.pipeline.engine.jobs import STAGE_SHARE, Job, aligned, plan_jobs
@@ -169,13 +170,14 @@ class _Run:
                 del self.open[f.name]
 
     def worker(self) -> None:
-        buffer = np.empty(self.task.budget.band_bytes, dtype=np.uint8)
+        band_bytes = self.task.budget.band_bytes
+        buffer = np.empty(band_bytes, dtype=np.uint8)
         try:
             while (job := self._next()) is not None:
                 state = self.open[job.file.name]
                 if job.run:
                     with self.runs:
-                        self._write_run(state, job, buffer)
+                        self._write_run(state, job, buffer[:band_bytes])
                 else:
                     buffer = self._write_tensor(state.writer, job.tensors[0], buffer)
                 self._done(job)
@@ -185,16 +187,22 @@ class _Run:
             raise
 
     def _write_tensor(self, writer: Sink, planned: PlannedTensor, buffer: np.ndarray) -> np.ndarray:
+        """Write one tensor in bands of the worker's ``buffer``, which is returned, grown for
+        a fine-tuned tensor's merge (``MemoryBudget.merge_bytes``) or a row larger than it."""
         tensor = planned.tensor
         dtype = to_numpy(planned.dtype)
-        buffer = fit_row(buffer, tensor, dtype)
+        budget = self.task.budget
+        size = budget.band_bytes if tensor.delta is None else budget.merge_bytes
+        if len(buffer) < size:
+            buffer = np.empty(size, dtype=np.uint8)
+        work = fit_row(buffer[:size], tensor, dtype)
         in_source = partial(source_has_nonfinite, tensor, self.params, self.mapped)
-        for offset, band, raw in assembled_bands(tensor, dtype, buffer, self.params, self.mapped):
+        for offset, band, raw in assembled_bands(tensor, dtype, work, self.params, self.mapped):
             if self.check is not None:
                 self.check(planned, band, in_source)
             writer.write(tensor.name, offset, raw)
             self.progress.advance(len(raw))
-        return buffer
+        return work if len(work) > len(buffer) else buffer
 
     def _write_run(self, state: _OpenFile, job: Job, buffer: np.ndarray) -> None:
         """Make each tensor of a run whole in the second half of ``buffer`` (staging the
@@ -271,13 +279,14 @@ def write_task(
     file's sink: the file itself, by default."""
     run = _Run(task, mapped, progress, committed, opener)
     try:
-        if task.budget.workers == 1:
-            run.worker()
-        else:
-            with ThreadPoolExecutor(task.budget.workers, thread_name_prefix="ms2hf") as pool:
-                futures = [pool.submit(run.worker) for _ in range(task.budget.workers)]
-                for future in futures:
-                    future.result()
+        with one_blas_thread():
+            if task.budget.workers == 1:
+                run.worker()
+            else:
+                with ThreadPoolExecutor(task.budget.workers, thread_name_prefix="ms2hf") as pool:
+                    futures = [pool.submit(run.worker) for _ in range(task.budget.workers)]
+                    for future in futures:
+                        future.result()
     except BaseException:
         run.abort()
         raise
