@@ -278,7 +278,9 @@ class _Carve:
 class _MergeLayout:
     """How a fine-tuned tensor is cut: bands of output rows in half the buffer (few, large
     writes, as for any tensor), each merged a chunk of rows and a window of columns at a time
-    in the other half, where the float64 operands and the merge's work stay in cache."""
+    in the other half, which holds the float64 operands and the merge's work. The buffer is
+    larger than a band buffer (``MemoryBudget.merge_bytes``): each chunk costs a dozen numpy
+    calls, and many short calls from two workers only pass the interpreter lock around."""
 
     cols: int
     rank: int
