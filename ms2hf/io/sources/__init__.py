@@ -41,12 +41,13 @@ def _holds(folder: Path) -> tuple[bool, bool]:
     """Whether ``folder`` holds legacy rank folders, and Checkpoint 2.0 iterations."""
     legacy = ckpt2 = False
     try:
-        entries = list(folder.iterdir())
+        with os.scandir(folder) as listing:  # is_dir from the listing: no stat per entry
+            entries = list(listing)
     except OSError:
         return False, False
-    for p in entries:
-        legacy |= bool(_RANK_DIR.fullmatch(p.name)) and p.is_dir()
-        ckpt2 |= p.name == TRACKER or (bool(ITERATION_DIR.fullmatch(p.name)) and p.is_dir())
+    for e in entries:
+        legacy |= bool(_RANK_DIR.fullmatch(e.name)) and e.is_dir()
+        ckpt2 |= e.name == TRACKER or (bool(ITERATION_DIR.fullmatch(e.name)) and e.is_dir())
     return legacy, ckpt2
 
 

@@ -43,7 +43,7 @@ from ms2hf.io.sources.plan import (
     StepChoice,
     whole_param,
 )
-from ms2hf.io.sources.training_keys import KeyKind, key_kind
+from ms2hf.io.sources.training_keys import sort_keys
 
 log = logging.getLogger("ms2hf")
 
@@ -274,21 +274,14 @@ def _plan_one_card(
         )
     header = SafetensorsHeader(models[0])
     log.info("%s: a one-card save (no %s): every tensor taken whole", folder, METADATA)
-    params: dict[str, SourceParam] = {}
-    scalars: dict[str, SourceParam] = {}
-    optimizer_bytes = scalar_bytes = 0
-    for name, info in header.tensors.items():
-        kind = key_kind(name)
-        if kind is KeyKind.OPTIMIZER:
-            optimizer_bytes += info.nbytes
-        elif kind is KeyKind.SCALAR:
-            scalar_bytes += info.nbytes
-            scalars[name] = whole_param(header.path, 0, info)
-        else:
-            param = whole_param(header.path, 0, info)
-            params[name] = SourceParam(
-                param.name, param.shape, param.dtype, param.blocks, holders=((0,),)
-            )
+    keys = sort_keys(header.tensors)
+    scalars = {info.name: whole_param(header.path, 0, info) for info in keys.scalars}
+    params = {}
+    for info in keys.params:
+        param = whole_param(header.path, 0, info)
+        params[info.name] = SourceParam(
+            param.name, param.shape, param.dtype, param.blocks, holders=((0,),)
+        )
     return SourcePlan(
         step=step,
         files=(SourceFile(0, 0, header.path, header.metadata),),
@@ -296,8 +289,8 @@ def _plan_one_card(
         scalars=scalars,
         remove_redundancy=False,
         num_stages=1,
-        optimizer_bytes=optimizer_bytes,
-        scalar_bytes=scalar_bytes,
+        optimizer_bytes=keys.optimizer_bytes,
+        scalar_bytes=keys.scalar_bytes,
         source_format=CKPT2,
         root=folder,
         ranks=1,

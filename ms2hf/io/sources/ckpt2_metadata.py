@@ -151,6 +151,13 @@ def plain_file_name(name: object) -> bool:
     )
 
 
+def _dtype_tag(entry: dict[str, Any]) -> str | None:
+    """The safetensors dtype of an entry's ``properties.dtype``; None when it names none."""
+    props = entry.get("properties")
+    ms = props.get("dtype") if isinstance(props, dict) else None
+    return _BY_MS_NAME.get(ms.lower()) if isinstance(ms, str) else None
+
+
 def _int(value: object, minimum: int = 0) -> bool:
     return type(value) is int and value >= minimum
 
@@ -280,10 +287,10 @@ class Metadata:
         return kind
 
     def dtype(self, name: str, entry: dict[str, Any]) -> str:
-        props = entry.get("properties")
-        ms = props.get("dtype") if isinstance(props, dict) else None
-        tag = _BY_MS_NAME.get(ms.lower()) if isinstance(ms, str) else None
+        tag = _dtype_tag(entry)
         if tag is None:
+            props = entry.get("properties")
+            ms = props.get("dtype") if isinstance(props, dict) else None
             self.fail(
                 f"parameter {name!r}: properties.dtype {ms!r} is not one of "
                 f"{', '.join(MS_DTYPES.values())}"
@@ -397,9 +404,7 @@ class Metadata:
     def optimizer_bytes(self, name: str) -> int:
         """What the optimizer files hold of a state, as described (never opened to check)."""
         raw = self.entries[name]
-        props = raw.get("properties") if isinstance(raw, dict) else None
-        ms = props.get("dtype") if isinstance(props, dict) else None
-        tag = _BY_MS_NAME.get(ms.lower()) if isinstance(ms, str) else None
+        tag = _dtype_tag(raw) if isinstance(raw, dict) else None
         chunks = raw.get("chunk") if isinstance(raw, dict) else None
         if tag is None or not isinstance(chunks, list) or not chunks:
             return 0

@@ -8,6 +8,7 @@ or one that died half way: it is never chosen silently, only when named.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,16 +25,18 @@ ITERATION_DIR = re.compile(r"iteration_(\d{8,})")
 def find_iterations(checkpoint_dir: Path) -> dict[int, Path]:
     """Every ``iteration_XXXXXXXX`` folder of a checkpoint folder, by its number."""
     found: dict[int, Path] = {}
-    for p in sorted(checkpoint_dir.iterdir()):
-        m = ITERATION_DIR.fullmatch(p.name)
-        if m and p.is_dir():
+    with os.scandir(checkpoint_dir) as listing:  # is_dir from the listing: no stat per entry
+        entries = sorted(listing, key=lambda e: e.name)
+    for e in entries:
+        m = ITERATION_DIR.fullmatch(e.name)
+        if m and e.is_dir():
             n = int(m.group(1))
             if n in found:
                 raise FormatError(
-                    f"{checkpoint_dir}: {found[n].name} and {p.name} are both iteration {n}; "
+                    f"{checkpoint_dir}: {found[n].name} and {e.name} are both iteration {n}; "
                     "keep one"
                 )
-            found[n] = p
+            found[n] = checkpoint_dir / e.name
     return found
 
 

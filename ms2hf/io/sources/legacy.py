@@ -34,7 +34,7 @@ from ms2hf.io.sources.plan import (
     whole_param,
 )
 from ms2hf.io.sources.strategy import Layout, Strategy, load_strategy
-from ms2hf.io.sources.training_keys import KeyKind, key_kind
+from ms2hf.io.sources.training_keys import SortedKeys, sort_keys
 
 log = logging.getLogger("ms2hf")
 
@@ -47,9 +47,12 @@ def find_rank_dirs(checkpoint_dir: str | os.PathLike[str]) -> dict[int, Path]:
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise FormatError(f"{root}: checkpoint folder does not exist or is not a folder")
-    ranks = {
-        int(m.group(1)): p for p in root.iterdir() if p.is_dir() and (m := _RANK_DIR.match(p.name))
-    }
+    with os.scandir(root) as entries:  # is_dir from the listing: no stat per folder
+        ranks = {
+            int(m.group(1)): root / e.name
+            for e in entries
+            if (m := _RANK_DIR.match(e.name)) and e.is_dir()
+        }
     if not ranks:
         raise FormatError(f"{root}: no rank_N folders (expected rank_0, rank_1, ...)")
     if max(ranks) >= len(ranks):
@@ -85,8 +88,7 @@ def _step_key(step: str) -> tuple[int, int]:
 def incomplete_steps(rank_dirs: Mapping[int, Path]) -> dict[str, list[int]]:
     """Steps some rank folders have and others lack (a save interrupted, or still being
     written), each with the ranks that lack it; newest first."""
-    per_rank = {rank: set(_steps(d)) for rank, d in rank_dirs.items()}
-    return _incomplete(per_rank)
+    return _incomplete({rank: set(steps) for rank, steps in _listed(rank_dirs).items()})
 
 
 def _incomplete(per_rank: Mapping[int, set[str]]) -> dict[str, list[int]]:
@@ -103,19 +105,25 @@ def _ranks(ranks: list[int]) -> str:
     return shown + (f" and {len(ranks) - 8} more" if len(ranks) > 8 else "")
 
 
-def steps_in_every_rank(rank_dirs: dict[int, Path]) -> list[str]:
+RankSteps = dict[int, dict[str, list[Path]]]
+"""Each rank folder's files by step: listed once per plan (``_listed``)."""
+
+
+def _listed(rank_dirs: Mapping[int, Path]) -> RankSteps:
+    return {rank: _steps(d) for rank, d in rank_dirs.items()}
+
+
+def _in_every_rank(per_rank: RankSteps) -> list[str]:
     """The steps every rank folder has a file for, oldest first."""
-    common = set.intersection(*(set(_steps(d)) for d in rank_dirs.values()))
+    common = set.intersection(*(set(steps) for steps in per_rank.values()))
     return sorted(common, key=_step_key)
 
 
-def _by_epoch(step: str, rank_dirs: dict[int, Path]) -> str:
+def _by_epoch(step: str, root: Path, present: list[str]) -> str:
     """``--step 1000`` for a legacy save: the one ``1000_N`` every rank has."""
-    present = steps_in_every_rank(rank_dirs)
     matches = [s for s in present if s.split("_")[0] == step]
     if len(matches) == 1:
         return matches[0]
-    root = rank_dirs[min(rank_dirs)].parent
     if not matches:
         raise FormatError(
             f"{root}: no step of epoch {step} in every rank folder (steps present: "
@@ -131,11 +139,17 @@ def select_step(rank_dirs: dict[int, Path], step: str | None = None) -> tuple[st
     """The chosen step and each rank's file for it; the newest step every rank has by default,
     with a warning naming the ranks that lack a newer one. A step given as its epoch alone
     (``1000``) names the one ``1000_N`` every rank has."""
+    return _select(rank_dirs, _listed(rank_dirs), step)
+
+
+def _select(
+    rank_dirs: Mapping[int, Path], per_rank: RankSteps, step: str | None
+) -> tuple[str, dict[int, Path]]:
+    root = rank_dirs[min(rank_dirs)].parent
     if step is not None and "_" not in step:
-        step = _by_epoch(step, rank_dirs)
-    per_rank = {rank: _steps(d) for rank, d in rank_dirs.items()}
+        step = _by_epoch(step, root, _in_every_rank(per_rank))
     if step is None:
-        common = set.intersection(*(set(s) for s in per_rank.values()))
+        common = _in_every_rank(per_rank)
         if not common:
             empty = [r for r, s in per_rank.items() if not s]
             where = (
@@ -143,8 +157,8 @@ def select_step(rank_dirs: dict[int, Path], step: str | None = None) -> tuple[st
                 if empty
                 else "no step is present in every rank folder"
             )
-            raise FormatError(f"{rank_dirs[min(rank_dirs)].parent}: {where}")
-        step = max(common, key=_step_key)
+            raise FormatError(f"{root}: {where}")
+        step = common[-1]
         newer = {
             s: missing
             for s, missing in _incomplete({r: set(f) for r, f in per_rank.items()}).items()
@@ -156,7 +170,7 @@ def select_step(rank_dirs: dict[int, Path], step: str | None = None) -> tuple[st
                 "written?); using step %s, the newest every rank has (--step chooses)",
                 s,
                 _ranks(missing),
-                rank_dirs[min(rank_dirs)].parent,
+                root,
                 step,
             )
     chosen: dict[int, Path] = {}
@@ -203,12 +217,13 @@ def plan_source(
     step: str | None = None,
 ) -> SourcePlan:
     rank_dirs = find_rank_dirs(checkpoint_dir)
-    chosen, paths = select_step(rank_dirs, step)
+    per_rank = _listed(rank_dirs)
+    chosen, paths = _select(rank_dirs, per_rank, step)
     strategy = load_strategy(strategy_path)
     headers = read_headers(paths[r] for r in sorted(paths))
     plan = build_source_plan(chosen, headers, sorted(paths), strategy)
     reason = "--step" if step is not None else "the newest in every rank folder"
-    plan.choice = StepChoice(tuple(steps_in_every_rank(rank_dirs)), reason)
+    plan.choice = StepChoice(tuple(_in_every_rank(per_rank)), reason)
     plan.root = Path(checkpoint_dir)
     return plan
 
@@ -235,7 +250,7 @@ def build_source_plan(
     collecting: dict[str, _Collecting] = {}
     scalars: dict[str, SourceParam] = {}
     optimizer_bytes = scalar_bytes = 0
-    kinds: dict[int, _Kinds] = {}
+    kinds: dict[int, SortedKeys] = {}
     plans: dict[tuple[int, str, int], _KeyPlan] = {}
     for rank, header in zip(ranks, headers):
         stage = strategy.stage_of_rank(rank, world)
@@ -249,7 +264,7 @@ def build_source_plan(
         # Files with identical headers share one ``tensors`` mapping: sorted out once.
         sorted_out = kinds.get(id(header.tensors))
         if sorted_out is None:
-            sorted_out = kinds[id(header.tensors)] = _sort_keys(header.tensors)
+            sorted_out = kinds[id(header.tensors)] = sort_keys(header.tensors)
         optimizer_bytes += sorted_out.optimizer_bytes
         scalar_bytes += sorted_out.scalar_bytes
         for info in sorted_out.scalars:
@@ -272,32 +287,6 @@ def build_source_plan(
         scalar_bytes=scalar_bytes,
         ranks=world,
     )
-
-
-@dataclass(frozen=True)
-class _Kinds:
-    """A header's keys sorted out: parameters and scalars in header order, optimizer bytes."""
-
-    params: tuple[TensorInfo, ...]
-    scalars: tuple[TensorInfo, ...]
-    optimizer_bytes: int
-    scalar_bytes: int
-
-
-def _sort_keys(tensors: Mapping[str, TensorInfo]) -> _Kinds:
-    params: list[TensorInfo] = []
-    scalars: list[TensorInfo] = []
-    optimizer_bytes = scalar_bytes = 0
-    for key, info in tensors.items():
-        kind = key_kind(key)
-        if kind is KeyKind.OPTIMIZER:
-            optimizer_bytes += info.nbytes
-        elif kind is KeyKind.SCALAR:
-            scalar_bytes += info.nbytes
-            scalars.append(info)
-        else:
-            params.append(info)
-    return _Kinds(tuple(params), tuple(scalars), optimizer_bytes, scalar_bytes)
 
 
 @dataclass

@@ -283,10 +283,6 @@ def _parse_strategy(path: Path, data: bytes) -> StrategyFile:
     return _parse_protobuf(path, data)
 
 
-def read_strategy_file(path: Path) -> StrategyFile:
-    return _parse_strategy(path, _read_bytes(path))
-
-
 def _suffix(name: str) -> str:
     """``Path(name).suffix``, without making a path."""
     i = name.rfind(".")

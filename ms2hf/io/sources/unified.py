@@ -13,7 +13,7 @@ from pathlib import Path
 from ms2hf.errors import FormatError
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.plan import UNIFIED, SourceFile, SourceParam, SourcePlan, whole_param
-from ms2hf.io.sources.training_keys import KeyKind, key_kind
+from ms2hf.io.sources.training_keys import sort_keys
 from ms2hf.io.unified_format import PARAM_NAME_MAP, read_param_name_map
 
 STEP = "unified"
@@ -74,21 +74,20 @@ def plan_unified(path: str | Path) -> SourcePlan:
     found: dict[str, Path] = {}
     optimizer_bytes = scalar_bytes = 0
     for index, header in enumerate(headers):
-        for name, info in header.tensors.items():
+        for name in header.tensors:
             if name in found:
                 raise FormatError(
                     f"{header.path}: tensor {name!r} is also in {found[name]}; a unified "
                     "checkpoint holds each tensor once"
                 )
             found[name] = header.path
-            kind = key_kind(name)
-            if kind is KeyKind.OPTIMIZER:
-                optimizer_bytes += info.nbytes
-            elif kind is KeyKind.SCALAR:
-                scalar_bytes += info.nbytes
-                scalars[name] = whole_param(header.path, index, info)
-            else:
-                params[name] = whole_param(header.path, index, info)
+        keys = sort_keys(header.tensors)
+        optimizer_bytes += keys.optimizer_bytes
+        scalar_bytes += keys.scalar_bytes
+        for info in keys.scalars:
+            scalars[info.name] = whole_param(header.path, index, info)
+        for info in keys.params:
+            params[info.name] = whole_param(header.path, index, info)
     if mapping is not None:
         _check_map(path, mapping, found)
     return SourcePlan(
