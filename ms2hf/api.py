@@ -1,7 +1,7 @@
 """The Python API: ``ms2hf.convert`` and ``ms2hf.inspect`` with keyword options.
 
 Scripts and notebooks want one call with readable options (``dtype="bf16"``,
-``max_shard_size="5GB"``), not a options object to assemble; these wrap the pipeline functions
+``max_shard_size="5GB"``), not an options object to assemble; these wrap the command functions
 the command line uses, so a script and the CLI behave the same and return the same reports.
 """
 

@@ -21,7 +21,7 @@ from ms2hf.commands.convert import ConvertOptions, gather_given, lora_request, p
 from ms2hf.errors import FormatError, ModelError
 from ms2hf.io.config_files import ConfigValue, read_json_object
 from ms2hf.io.dtypes import nbytes
-from ms2hf.io.hf_output import HF_INDEX
+from ms2hf.io.hf_output import HF_INDEX, HF_SHARD
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources import is_training_output, plan_training_output
 from ms2hf.io.sources.legacy import find_rank_dirs, incomplete_steps
@@ -446,9 +446,6 @@ def _tokenizer_names(options: ConvertOptions) -> list[str]:
     return [p.name for p in find_tokenizer_files(options.tokenizer_dir)]
 
 
-_SHARD_NAME = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
-
-
 def _hf_files(path: Path) -> list[Path]:
     index = path / HF_INDEX
     if index.is_file():
@@ -458,7 +455,7 @@ def _hf_files(path: Path) -> list[Path]:
         ):
             raise FormatError(f"{index}: no 'weight_map' of tensor names to file names")
         return [path / name for name in sorted(set(weight_map.values()))]
-    files = sorted(p for p in path.glob("*.safetensors") if _SHARD_NAME.match(p.name))
+    files = sorted(p for p in path.glob("*.safetensors") if HF_SHARD.match(p.name))
     return files or sorted(path.glob("*.safetensors"))
 
 

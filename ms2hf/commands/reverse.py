@@ -50,8 +50,8 @@ def reverse(
     given = gather_given(options)
     lora = lora_request(options, source_path if source_path.is_dir() else source_path.parent)
     source = plan_unified(source_path)
-    detected = detect({name: p.shape for name, p in source.params.items()})
     if model is not None:
+        detected = detect({name: p.shape for name, p in source.params.items()})
         check_model_flag(model, detected, source_path)
     report = write_hf_checkpoint(source, Path(out_dir), options, given, lora)
     report.seconds = time.perf_counter() - started

@@ -23,7 +23,7 @@ import numpy as np
 from ms2hf.errors import FormatError, Ms2hfError
 from ms2hf.io.config_files import read_train_config
 from ms2hf.io.dtypes import nbytes
-from ms2hf.io.hf_output import HF_INDEX
+from ms2hf.io.hf_output import HF_INDEX, HF_SINGLE
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
 from ms2hf.io.safetensors_writer import ShardLayout
@@ -48,12 +48,11 @@ from ms2hf.pipeline.lora import (
     lora_given,
     run_adapter_config,
 )
-from ms2hf.pipeline.plan import PlannedFile, PlannedTensor, lora_outputs, plan_lora
+from ms2hf.pipeline.plan import PlannedFile, PlannedTensor, planned_outputs
 from ms2hf.transforms.casts import TARGETS, output_dtype
 from ms2hf.transforms.pieces import OutputTensor
-from ms2hf.transforms.registry import expected_tensors, hf_model
+from ms2hf.transforms.registry import expected_tensors
 
-SINGLE_FILE = "model.safetensors"
 SHOWN_PROBLEMS = 20
 
 
@@ -101,8 +100,8 @@ def _read_index(folder: Path, report: VerifyReport) -> tuple[dict[str, str] | No
     """The weight map (None for a lone ``model.safetensors``) and the declared total size."""
     path = folder / HF_INDEX
     if not path.exists():
-        if not (folder / SINGLE_FILE).is_file():
-            report.problems.append(f"neither {HF_INDEX} nor {SINGLE_FILE}")
+        if not (folder / HF_SINGLE).is_file():
+            report.problems.append(f"neither {HF_INDEX} nor {HF_SINGLE}")
             return {}, None
         return None, None
     try:
@@ -326,14 +325,13 @@ def _check_against(
     targets."""
     source = plan_training_output(training_output, options.step)
     given = read_train_config(options.config) if options.config else {}
-    shapes = {name: p.shape for name, p in source.params.items()}
-    model = hf_model(shapes, given, "F32", options.routing_scale, config_checks=False)
     request = LoraRequest(
         "adapter" if adapter is not None else options.lora,
         lora_given(options.lora_alpha, options.config, run_adapter_config(training_output)),
     )
-    lora = plan_lora(model, request)
-    outputs = lora_outputs(model, lora, shapes)
+    _, lora, outputs = planned_outputs(
+        source, given, "fp32", options.routing_scale, request, config_checks=False
+    )
     if adapter is not None and lora is not None and lora.alpha is not None:
         stated = {"r": lora.rank, "lora_alpha": lora.alpha.value, "target_modules": lora.targets}
         for key, value in stated.items():
@@ -384,7 +382,7 @@ def verify(
         single = ADAPTER_FILE
     else:
         weight_map, total = _read_index(folder, report)
-        single = SINGLE_FILE
+        single = HF_SINGLE
     files = sorted(set(weight_map.values())) if weight_map is not None else [single]
     headers = _read_headers(folder, files, report)
     if weight_map is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -17,11 +18,22 @@ from ms2hf.errors import OutputError
 from ms2hf.io.safetensors_writer import temporary_name
 
 HF_INDEX = "model.safetensors.index.json"
+HF_SINGLE = "model.safetensors"
+"""The one weight file of a model written unsharded."""
+HF_SHARD = re.compile(r"^model(?:-\d{5}-of-\d{5})?\.safetensors$")
+"""Every weight file name ``hf_shard_names`` gives."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 """A PEFT adapter's one weight file (its config: ``io.config_files.RUN_ADAPTER_CONFIG``)."""
 HF_METADATA = {"format": "pt"}
 """Every Hugging Face shard's ``__metadata__``, as transformers' own files carry
 (``docs/hf-output.md#shards``)."""
+
+
+def hf_shard_names(count: int) -> list[str]:
+    """``model.safetensors`` alone, else ``model-00001-of-0000N.safetensors``."""
+    if count == 1:
+        return [HF_SINGLE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 @contextmanager

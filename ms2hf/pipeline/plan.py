@@ -150,14 +150,28 @@ def plan_hf_checkpoint(
 ) -> HfPlan:
     """The model, its config and the files a run would write, from shapes alone: on a LoRA
     fine-tune, the merged model, a PEFT adapter or the base model, as ``lora_request`` asks."""
-    shapes = {name: p.shape for name, p in source.params.items()}
-    model = hf_model(shapes, given, config_dtype(source, dtype), routing_scale)
-    plan = plan_lora(model, lora_request or LoraRequest())
-    outputs = lora_outputs(model, plan, shapes)
+    model, plan, outputs = planned_outputs(source, given, dtype, routing_scale, lora_request)
     if plan is not None and plan.mode == "adapter":
         files = (PlannedFile(ADAPTER_FILE, tuple(_planned(outputs, source, dtype))),)
         return HfPlan(model, files, plan)
     return HfPlan(model, plan_files(outputs, source, dtype, max_shard_size, shard_layout), plan)
+
+
+def planned_outputs(
+    source: SourcePlan,
+    given: Given,
+    dtype: str,
+    routing_scale: str | None = None,
+    lora_request: LoraRequest | None = None,
+    config_checks: bool = True,
+) -> tuple[HfModel, LoraPlan | None, tuple[OutputTensor, ...]]:
+    """The model, what it makes of its LoRA and the tensors a run writes, in the model's order:
+    what ``convert`` writes and ``verify --against`` recomputes (without ``config_checks``: it
+    writes no config.json)."""
+    shapes = {name: p.shape for name, p in source.params.items()}
+    model = hf_model(shapes, given, config_dtype(source, dtype), routing_scale, config_checks)
+    plan = plan_lora(model, lora_request or LoraRequest())
+    return model, plan, lora_outputs(model, plan, shapes)
 
 
 def lora_outputs(

@@ -8,6 +8,8 @@ import re
 from collections.abc import Sequence
 from typing import TypeVar
 
+from ms2hf.io.hf_output import hf_shard_names
+
 T = TypeVar("T")
 
 
@@ -24,13 +26,6 @@ def pack(items: Sequence[T], sizes: Sequence[int], max_bytes: int) -> list[list[
     if current or not groups:
         groups.append(current)
     return groups
-
-
-def hf_shard_names(count: int) -> list[str]:
-    """``model.safetensors`` alone, else ``model-00001-of-0000N.safetensors``."""
-    if count == 1:
-        return ["model.safetensors"]
-    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
 SHARD_LAYOUTS = ("size", "per-layer")

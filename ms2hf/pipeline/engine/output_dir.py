@@ -39,7 +39,7 @@ from typing import Any
 
 from ms2hf.errors import Ms2hfError, OutputError
 from ms2hf.io.config_files import RUN_ADAPTER_CONFIG
-from ms2hf.io.hf_output import ADAPTER_WEIGHTS, HF_INDEX, write_json
+from ms2hf.io.hf_output import ADAPTER_WEIGHTS, HF_INDEX, HF_SHARD, write_json
 from ms2hf.io.safetensors_writer import PARTIAL_SUFFIX
 from ms2hf.io.shard_digest import file_digest
 from ms2hf.io.tokenizer_files import same_file
@@ -77,7 +77,6 @@ class FolderKind:
     record, so a folder to publish holds that tool's files alone."""
 
 
-_HF_SHARD = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
 _HF_WEIGHTS = re.compile(
     r"(\.safetensors|^(pytorch|adapter)_model.*\.bin|^tf_model.*\.h5|^flax_model.*\.msgpack"
     r"|\.index\.json)$"
@@ -85,7 +84,7 @@ _HF_WEIGHTS = re.compile(
 
 
 def _hf_own(name: str) -> bool:
-    return name == HF_INDEX or bool(_HF_SHARD.match(name))
+    return name == HF_INDEX or bool(HF_SHARD.match(name))
 
 
 HF_FOLDER = FolderKind(
