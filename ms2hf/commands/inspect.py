@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,8 +31,8 @@ from ms2hf.io.unified_format import PARAM_NAME_MAP
 from ms2hf.pipeline.engine.memory import paused_gc
 from ms2hf.pipeline.lora import RUN_ADAPTER_CONFIG, LoraPlan
 from ms2hf.pipeline.run import jsonable
-from ms2hf.transforms.lora import LORA_KEY
-from ms2hf.transforms.mappings import GroupedExperts
+from ms2hf.transforms.lora import base_weight
+from ms2hf.transforms.mappings import GroupedExperts, natural_key
 from ms2hf.transforms.registry import HfModel
 
 TRAINING = "training output"
@@ -369,11 +368,6 @@ def _bytes_by_dtype(params: tuple[ParamReport, ...]) -> dict[str, int]:
     return out
 
 
-def _natural(name: str) -> tuple[Any, ...]:
-    """Layer 10 after layer 9."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
-
-
 @dataclass(frozen=True)
 class _Planned:
     hf: HfModel | None
@@ -399,7 +393,7 @@ def _model_and_output(
         try:
             plan = plan_for(source, options, given, dataclasses.replace(request, mode="base"))
         except ModelError:
-            return _Planned(None, ModelReport(None, {}, error=str(e)), None, _natural)
+            return _Planned(None, ModelReport(None, {}, error=str(e)), None, natural_key)
         stopped = str(e)
     model = plan.model
     first_use: dict[str, int] = {}
@@ -425,19 +419,13 @@ def _model_and_output(
         report,
         None if stopped else output,
         lambda name: (
-            first_use.get(_listed_with(name), len(first_use)),
-            name != _listed_with(name),
-            _natural(name),
+            first_use.get(base_weight(name), len(first_use)),  # LoRA after its weight
+            name != base_weight(name),
+            natural_key(name),
         ),
         lora,
         stopped,
     )
-
-
-def _listed_with(name: str) -> str:
-    """A LoRA parameter is listed after its base weight."""
-    m = LORA_KEY.match(name)
-    return m.group("module") + ".weight" if m else name
 
 
 def _tokenizer_names(options: ConvertOptions) -> list[str]:
@@ -483,7 +471,7 @@ def inspect_hf(path: Path) -> InspectReport:
             saved_copies=1,
         )
         for h in headers
-        for t in sorted(h.tensors.values(), key=lambda t: _natural(t.name))
+        for t in sorted(h.tensors.values(), key=lambda t: natural_key(t.name))
     )
     files = tuple(FileReport(h.path.name, h.path.stat().st_size, len(h.tensors)) for h in headers)
     config = _hf_config(path)

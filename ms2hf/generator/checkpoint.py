@@ -40,14 +40,13 @@ from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.hf_output import HF_METADATA
 from ms2hf.io.safetensors_writer import ShardLayout, ShardWriter, TensorEntry, layout_shard
 from ms2hf.transforms import lora
-from ms2hf.transforms.lora import LORA_KEY, is_lora_name
+from ms2hf.transforms.lora import LORA_KEY, base_weight, is_lora_name
 from ms2hf.transforms.pieces import OutputTensor, Piece
 from ms2hf.transforms.registry import hf_model
 
 BAND_BYTES = 64 << 20
 EXPECTED = Path("expected") / "hf_model.safetensors"
 EXPECTED_LORA = Path("expected") / "lora.safetensors"
-LORA_B_SUFFIX = ".lora_B.weight"
 EXPECTED_CONFIG = Path("expected") / "config.json"
 TRAIN_YAML = Path("train.yaml")
 
@@ -223,15 +222,14 @@ def _build_param(
             if t.name in expected:
                 _write_rows(expected[t.name], t.name, value)
     half = LORA_KEY.match(p.spec.name)
-    name = half.group("module") + ".weight" if half else p.spec.name
-    found = config.family.table.row(name)
+    found = config.family.table.row(base_weight(p.spec.name))
     if found is None:
         raise Ms2hfError(f"parameter {p.spec.name!r} has no row in the {config.family.name} table")
     row, layer = found
     if half is not None and half.group("half") == "A":
         (full,) = {id(v): v for v in values.values()}.values()  # one A, shared by the module
     else:  # a weight, or a lora_B: its Hugging Face modules' rows fused as the weight's are
-        bases = {n.replace(LORA_B_SUFFIX, ".weight"): v for n, v in values.items()}
+        bases = {base_weight(n): v for n, v in values.items()}
         full = fuse(row, layer, bases, config.dims, config.weight_layout)
     if full.shape != p.spec.shape:
         raise Ms2hfError(

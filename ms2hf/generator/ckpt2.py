@@ -116,17 +116,6 @@ def _replica_ids(slice_ids: Sequence[int]) -> list[int]:
     return out
 
 
-def _region(item: _Item, sid: int, whole: bool) -> tuple[slice, ...]:
-    shape, local = item.param.spec.shape, item.local_shape
-    if whole:
-        return tuple(slice(None) for _ in shape)
-    coords = []
-    for n in reversed([d // s for d, s in zip(shape, local)]):
-        sid, c = divmod(sid, n)
-        coords.append(c)
-    return tuple(slice(c * s, (c + 1) * s) for c, s in zip(reversed(coords), local))
-
-
 def _stage_items(params: Sequence[PlacedParam], config: GeneratorConfig) -> list[_Item]:
     """What every rank of a stage reports, in order: its parameters sorted by name, each
     followed by its ``adam_m.`` and ``adam_v.`` states."""
@@ -201,13 +190,15 @@ class _Planner:
         self.storage: dict[str, list[dict[str, Any]]] = {}
 
     def add_file(self, name: str, pieces: Sequence[tuple[_Item, int]], whole: bool) -> None:
-        """A file holding ``pieces`` (each an item and its slice id), or their parameters whole;
-        a normal save's optimizer file also holds the two scalars the metadata leaves out."""
+        """A file holding ``pieces`` (each an item and a local rank holding its slice), or their
+        parameters whole; a normal save's optimizer file also holds the two scalars the metadata
+        leaves out."""
         entries = []
-        for item, sid in pieces:
+        for item, local in pieces:
             shape = item.param.spec.shape if whole else item.local_shape
             entries.append(TensorEntry(item.name, item.dtype, shape))
-            slot = Slot(len(self.files), item.state, _region(item, sid, whole))
+            region = tuple(slice(None) for _ in shape) if whole else item.param.region(local)
+            slot = Slot(len(self.files), item.state, region)
             self.slots.setdefault(item.param.spec.name, []).append(slot)
         constants = {}
         if "-opt-" in f"-{name}" and not self.config.remove_redundancy:
@@ -242,7 +233,7 @@ def _normal(
         names = {}
         for kind, states in KINDS:
             names[states] = file_name(config.prefix, kind, rank, world)
-            pieces = [(i, i.slice_ids[local]) for i in items[stage] if bool(i.state) == states]
+            pieces = [(i, local) for i in items[stage] if bool(i.state) == states]
             planner.add_file(names[states], pieces, whole)
         for item in items[stage]:
             key = item.keys[item.slice_ids[local]]
@@ -267,8 +258,7 @@ def _balanced(
             stage, local = divmod(rank, per_stage)
             for item in items[stage]:
                 if bool(item.state) == states:
-                    sid = item.slice_ids[local]
-                    shards.setdefault(item.keys[sid], (item, sid))
+                    shards.setdefault(item.keys[item.slice_ids[local]], (item, local))
         size = {key: _bits(item) for key, (item, _) in shards.items()}
         load = [0] * config.world
         assigned: dict[int, list[str]] = {}

@@ -25,13 +25,14 @@ from ms2hf.transforms.mappings import (
     Row,
     TiedHead,
     WeightLayout,
+    in_layer,
 )
 
 
 def target_names(row: Row, layer: str, dims: Any) -> list[str]:
     """The Hugging Face tensors a parameter is made of, by name (a grouped-experts row: every
     expert's, expert by expert)."""
-    names = [t.replace("*", layer, 1) if layer else t for t in row.targets()]
+    names = [in_layer(t, layer) for t in row.targets()]
     if isinstance(row, GroupedExperts):
         return [n.replace(EXPERT, str(e)) for e in range(dims.num_experts) for n in names]
     return names

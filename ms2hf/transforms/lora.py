@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ms2hf.errors import ModelError
-from ms2hf.transforms.mappings import Table, layer_pattern
+from ms2hf.transforms.mappings import Table, layer_pattern, natural_key
 from ms2hf.transforms.pieces import LoraDelta, OutputTensor, copy
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -63,9 +63,12 @@ class LoraWeights:
     rank: int
     modules: tuple[LoraModule, ...]
 
-    @property
-    def params(self) -> tuple[str, ...]:
-        return tuple(name for m in self.modules for name in (m.a, m.b))
+
+def base_weight(name: str) -> str:
+    """The weight a LoRA half belongs to (``<module>.lora_A.weight`` -> ``<module>.weight``);
+    any other name is its own."""
+    m = LORA_KEY.match(name)
+    return m.group("module") + WEIGHT if m else name
 
 
 def is_lora_name(name: str) -> bool:
@@ -142,7 +145,7 @@ def split_lora(
         return base, None
     modules: list[LoraModule] = []
     ranks: dict[int, str] = {}
-    for module in sorted(halves, key=_natural):
+    for module in sorted(halves, key=natural_key):
         lm, rank = _checked_module(module, halves[module], shapes)
         ranks.setdefault(rank, lm.a)
         modules.append(lm)
@@ -153,10 +156,6 @@ def split_lora(
             "checkpoint mixes runs or is damaged"
         )
     return base, LoraWeights(next(iter(ranks)), tuple(modules))
-
-
-def _natural(name: str) -> tuple[Any, ...]:
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
 def _lora_rows(tensor: OutputTensor, name: str, source: str, rank: int) -> OutputTensor:

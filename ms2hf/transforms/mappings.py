@@ -78,7 +78,8 @@ class Row(Protocol):
         ...
 
 
-def _in_layer(pattern: str, layer: str) -> str:
+def in_layer(pattern: str, layer: str) -> str:
+    """A table name in layer ``layer`` (a name outside the layers is itself)."""
     return pattern.replace(LAYER, layer, 1) if layer else pattern
 
 
@@ -92,7 +93,7 @@ class Rename:
     required: bool = True
 
     def outputs(self, source: str, layer: str, ctx: Context) -> list[OutputTensor]:
-        return [copy(_in_layer(self.target, layer), source, ctx.shapes[source])]
+        return [copy(in_layer(self.target, layer), source, ctx.shapes[source])]
 
     def targets(self) -> tuple[str, ...]:
         return (self.target,)
@@ -147,7 +148,7 @@ class QkvSplit:
             k = [(g * per_group + r * d, d) for g in range(ng)]
             v = [(g * per_group + r * d + d, d) for g in range(ng)]
         return [
-            row_runs(_in_layer(target, layer), source, shape, runs)
+            row_runs(in_layer(target, layer), source, shape, runs)
             for target, runs in ((self.q, q), (self.k, k), (self.v, v))
         ]
 
@@ -171,7 +172,7 @@ class GateUpSplit:
         if shape[0] % 2:
             raise ModelError(f"{source} has {shape[0]} rows; gate and up need an even count")
         f = shape[0] // 2
-        gate, up = _in_layer(self.gate, layer), _in_layer(self.up, layer)
+        gate, up = in_layer(self.gate, layer), in_layer(self.up, layer)
         if ctx.layout.interleaved_fc1:
             return [
                 row_runs(gate, source, shape, [(0, f)], 2),
@@ -208,7 +209,7 @@ class GroupedExperts:
     def _windows(self, source: str, layer: str, ctx: Context) -> list[OutputTensor]:
         dims = ctx.dims
         e_count, h, f = dims.num_experts, dims.hidden_size, dims.moe_intermediate_size
-        names = [_in_layer(t, layer) for t in self.experts]
+        names = [in_layer(t, layer) for t in self.experts]
         out: list[OutputTensor] = []
         for e in range(e_count):
             ex = str(e)
@@ -230,10 +231,9 @@ class GroupedExperts:
 @dataclass(frozen=True)
 class Skip:
     """A parameter that is not a weight (a statistic of training): no tensor is made of it,
-    and ``inspect`` says why."""
+    and ``inspect`` lists it as skipped."""
 
     source: str
-    reason: str
     group: str = ""
     required: bool = False
 
@@ -253,13 +253,18 @@ def layer_pattern(name: str) -> tuple[str, str]:
     return name[: m.start()] + f".{LAYER}." + name[m.end() :], m.group(1)
 
 
+def natural_key(name: str) -> tuple[Any, ...]:
+    """Sorts parameter names with their numbers as numbers: layer 2 before layer 10."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
 @dataclass(frozen=True)
 class Planned:
     """A table applied to a checkpoint's parameters."""
 
     outputs: tuple[OutputTensor, ...]
-    skipped: Mapping[str, str]
-    """Parameters deliberately left out, with the reason."""
+    skipped: frozenset[str]
+    """Parameters deliberately left out (``Skip`` rows)."""
 
 
 ROW_SELECTIONS = (Rename, QkvSplit, GateUpSplit)
@@ -308,7 +313,7 @@ class Table:
         table lacks, or a layer that is not whole, is an error naming it."""
         head, layer_rows, tail = self._split()
         out: list[OutputTensor] = []
-        skipped: dict[str, str] = {}
+        skipped: set[str] = set()
         used: set[str] = set()
 
         def emit(row: Row, source: str, layer: str) -> None:
@@ -316,7 +321,7 @@ class Table:
             out.extend(made)
             used.update(t.source for t in made)
             if isinstance(row, Skip):
-                skipped[source] = row.reason
+                skipped.add(source)
 
         for row in head:
             self._global(row, ctx, emit)
@@ -328,7 +333,7 @@ class Table:
                     emit(row, keys[row.source], str(i))
         for row in tail:
             self._global(row, ctx, emit)
-        unexpected = sorted(set(ctx.shapes) - used - set(skipped))
+        unexpected = sorted(set(ctx.shapes) - used - skipped)
         if unexpected:
             shown = ", ".join(unexpected[:5])
             more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
@@ -336,7 +341,7 @@ class Table:
                 f"unexpected parameters for this model: {shown}{more}. Qwen3 has no biases and "
                 "no other weights; ms2hf will not drop them silently"
             )
-        return Planned(tuple(out), skipped)
+        return Planned(tuple(out), frozenset(skipped))
 
     @staticmethod
     def _global(row: Row, ctx: Context, emit: Any) -> None:
@@ -360,7 +365,7 @@ class Table:
             r.source for r in rows if r.group in wanted and r.required and r.source not in keys
         ]
         if missing:
-            names = ", ".join(_in_layer(s, str(i)) for s in missing)
+            names = ", ".join(in_layer(s, str(i)) for s in missing)
             raise ModelError(f"layer {i} lacks {names}")
 
 

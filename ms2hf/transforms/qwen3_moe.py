@@ -41,7 +41,7 @@ W1 = qwen3.LAYER_PREFIX + "mlp.experts.weight1"
 W2 = qwen3.LAYER_PREFIX + "mlp.experts.weight2"
 EXPERT_KEYS = (ROUTER, W1, W2)
 FI_ACCU = qwen3.LAYER_PREFIX + "mlp.router.fi_accu"
-FI_ACCU_REASON = "per-expert token counts accumulated for load balancing in training, not a weight"
+"""Per-expert token counts accumulated for load balancing in training, not a weight: skipped."""
 SPARSITY_KEYS = ("decoder_sparse_step", "mlp_only_layers")
 EXPERTS = "experts"
 HF_EXPERT = f"{qwen3.HF_LAYER}mlp.experts.{EXPERT}."
@@ -50,7 +50,7 @@ MOE_MLP_ROWS: tuple[Row, ...] = (
     Rename(ROUTER, qwen3.HF_LAYER + "mlp.gate.weight", EXPERTS),
     GroupedExperts(W1, (HF_EXPERT + "gate_proj.weight", HF_EXPERT + "up_proj.weight"), EXPERTS),
     GroupedExperts(W2, (HF_EXPERT + "down_proj.weight",), EXPERTS, scaled=True),
-    Skip(FI_ACCU, FI_ACCU_REASON, EXPERTS),
+    Skip(FI_ACCU, EXPERTS),
 )
 TABLE = Table(
     qwen3.HEAD_ROWS

@@ -77,7 +77,8 @@ class HfModel:
     dims: Any
     outputs: tuple[OutputTensor, ...]
     """The base model's tensors (a LoRA is applied to them by ``ms2hf.transforms.lora``)."""
-    skipped: Mapping[str, str]
+    skipped: frozenset[str]
+    """Parameters deliberately left out: statistics of training, not weights."""
     config: dict[str, ConfigValue]
     notes: tuple[str, ...] = ()
     """What the run should say about how the given settings were applied (a folded scale)."""
