@@ -191,7 +191,7 @@ def _phases(root: Path, out: Path, trace: bool) -> dict[str, object]:
     config = config_json(plan.model.config)
     index = index_document(plan.weight_map, plan.nbytes, plan.parameters)
     sizes = {name: layout.size for name, layout in layouts.items()}
-    with claim_output_dir(out, run_fingerprint, sizes, ["config.json"], False) as output:
+    with claim_output_dir(out, run_fingerprint, sizes, False) as output:
         laps("claim")
         task = WriteTask(out, files, layouts, source.params, check, budget)
         with Progress(0, "", False) as progress:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ms2hf.commands.convert import ConvertOptions, gather_given, lora_request, plan_for
 from ms2hf.errors import FormatError, ModelError
-from ms2hf.io.config_files import ConfigValue, read_json_object
+from ms2hf.io.config_files import RUN_ADAPTER_CONFIG, ConfigValue, read_json_object
 from ms2hf.io.dtypes import nbytes
 from ms2hf.io.hf_output import HF_INDEX, HF_SHARD
 from ms2hf.io.safetensors_reader import SafetensorsHeader
@@ -29,7 +29,7 @@ from ms2hf.io.sources.unified import plan_unified
 from ms2hf.io.tokenizer_files import find_tokenizer_files
 from ms2hf.io.unified_format import PARAM_NAME_MAP
 from ms2hf.pipeline.engine.memory import paused_gc
-from ms2hf.pipeline.lora import RUN_ADAPTER_CONFIG, LoraPlan
+from ms2hf.pipeline.lora import LoraPlan
 from ms2hf.pipeline.run import jsonable
 from ms2hf.transforms.lora import base_weight
 from ms2hf.transforms.mappings import GroupedExperts, natural_key

@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from ms2hf.errors import ModelError
-from ms2hf.io.config_files import read_train_config
+from ms2hf.io.config_files import RUN_ADAPTER_CONFIG, read_train_config
 from ms2hf.io.hf_output import copy_file, index_document
 from ms2hf.io.sources import found, plan_training_output
 from ms2hf.io.sources.plan import SourceParam, SourcePlan
@@ -36,7 +36,7 @@ from ms2hf.io.unified_format import (
 from ms2hf.pipeline.engine.budget import format_size
 from ms2hf.pipeline.engine.memory import paused_gc
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, UNIFIED_FOLDER
-from ms2hf.pipeline.lora import RUN_ADAPTER_CONFIG, run_adapter_config
+from ms2hf.pipeline.lora import run_adapter_config
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
 from ms2hf.pipeline.run import RunOptions, SmallFile, as_path, check_positive, run_plan
 from ms2hf.transforms import pieces

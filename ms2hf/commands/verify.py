@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from ms2hf.errors import FormatError, Ms2hfError
-from ms2hf.io.config_files import read_train_config
+from ms2hf.io.config_files import RUN_ADAPTER_CONFIG, read_train_config
 from ms2hf.io.dtypes import nbytes
-from ms2hf.io.hf_output import HF_INDEX, HF_SINGLE
+from ms2hf.io.hf_output import ADAPTER_WEIGHTS, HF_INDEX, HF_SINGLE
 from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.safetensors_reader import SafetensorsHeader, TensorInfo
 from ms2hf.io.safetensors_writer import ShardLayout
@@ -42,8 +42,6 @@ from ms2hf.pipeline.engine.output_dir import (
 )
 from ms2hf.pipeline.engine.progress import Progress
 from ms2hf.pipeline.lora import (
-    ADAPTER_FILE,
-    RUN_ADAPTER_CONFIG,
     LoraRequest,
     lora_given,
     run_adapter_config,
@@ -376,10 +374,10 @@ def verify(
     if not folder.is_dir():
         raise FormatError(f"{folder}: not a folder")
     report = VerifyReport(folder)
-    is_adapter = (folder / ADAPTER_FILE).is_file() and not (folder / HF_INDEX).exists()
+    is_adapter = (folder / ADAPTER_WEIGHTS).is_file() and not (folder / HF_INDEX).exists()
     if is_adapter:
         weight_map, total = None, None
-        single = ADAPTER_FILE
+        single = ADAPTER_WEIGHTS
     else:
         weight_map, total = _read_index(folder, report)
         single = HF_SINGLE

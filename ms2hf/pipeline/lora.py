@@ -16,15 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ms2hf.errors import ModelError
-from ms2hf.io.config_files import RUN_ADAPTER_CONFIG as RUN_ADAPTER_CONFIG
-from ms2hf.io.config_files import ConfigValue, read_pet_config, read_run_adapter_config
-from ms2hf.io.hf_output import ADAPTER_WEIGHTS
+from ms2hf.io.config_files import (
+    RUN_ADAPTER_CONFIG,
+    ConfigValue,
+    read_pet_config,
+    read_run_adapter_config,
+)
 
 LORA_MODES = ("merged", "adapter", "base")
 """``merged``: the fine-tuned model (the default on a LoRA run); ``adapter``: a PEFT adapter;
 ``base``: the model the fine-tune started from."""
 ALPHA_FLAG = "--lora-alpha"
-ADAPTER_FILE = ADAPTER_WEIGHTS
 YAML_KEYS = {"alpha": "lora_alpha", "rank": "lora_rank", "dropout": "lora_dropout"}
 RUN_FILE_KEYS = {"alpha": "lora_alpha", "rank": "r", "dropout": "lora_dropout"}
 

@@ -14,10 +14,10 @@ from functools import cached_property
 
 from ms2hf.errors import ModelError
 from ms2hf.io.config_files import ConfigValue, Given
+from ms2hf.io.hf_output import ADAPTER_WEIGHTS
 from ms2hf.io.safetensors_writer import TensorEntry
 from ms2hf.io.sources.plan import SourcePlan
 from ms2hf.pipeline.lora import (
-    ADAPTER_FILE,
     LoraPlan,
     LoraRequest,
     dropout,
@@ -152,7 +152,7 @@ def plan_hf_checkpoint(
     fine-tune, the merged model, a PEFT adapter or the base model, as ``lora_request`` asks."""
     model, plan, outputs = planned_outputs(source, given, dtype, routing_scale, lora_request)
     if plan is not None and plan.mode == "adapter":
-        files = (PlannedFile(ADAPTER_FILE, tuple(_planned(outputs, source, dtype))),)
+        files = (PlannedFile(ADAPTER_WEIGHTS, tuple(_planned(outputs, source, dtype))),)
         return HfPlan(model, files, plan)
     return HfPlan(model, plan_files(outputs, source, dtype, max_shard_size, shard_layout), plan)
 

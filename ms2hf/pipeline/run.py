@@ -211,7 +211,7 @@ def run_plan(
         MemorySampler() as memory,
         Progress(total, label, options.progress) as progress,
     ):
-        run = _Writing(out_dir, files, params, metadata, options, kind, executor, budget)
+        run = _Writing(out_dir, files, mine, params, metadata, options, kind, executor, budget)
         reads = run.write(then, index, inputs, progress)
     for f in mine:
         log.debug("  %s: %d tensors, %s", f.name, len(f.tensors), format_size(f.nbytes))
@@ -247,6 +247,8 @@ class _Writing:
 
     folder: Path
     files: Sequence[PlannedFile]
+    mine: Sequence[PlannedFile]
+    """The files this run writes: all of them, or its part's."""
     params: Mapping[str, SourceParam]
     metadata: Mapping[str, str]
     options: RunOptions
@@ -260,21 +262,16 @@ class _Writing:
         """Claim the folder (resuming an unfinished run of the same plan), have the executor
         write the files still missing, then the small files and the index, last; on failure,
         leave none of the files half-written, and say that rerunning resumes."""
-        layouts = {
-            f.name: layout_shard([t.entry for t in f.tensors], self.metadata) for f in self.files
-        }
+        mine, part = self.mine, self.options.part
+        layouts = {f.name: layout_shard([t.entry for t in f.tensors], self.metadata) for f in mine}
         check: BandCheck = FiniteCheck(self.options.strict)
         run_fingerprint = fingerprint(self.files, self.params, self.metadata, check)
-        part = self.options.part
-        mine = part.files(self.files) if part else list(self.files)
         sizes = {f.name: layouts[f.name].size for f in mine}
-        names = [] if part else [s.name for s in then]
         identify = part is not None or self.executor.remote
         with claim_output_dir(
             self.folder,
             run_fingerprint,
             sizes,
-            names,
             self.options.overwrite,
             kind=self.kind,
             inputs=inputs,

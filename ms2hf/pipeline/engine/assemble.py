@@ -47,6 +47,16 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+ALIGN = 64
+"""Arrays carved out of a worker's buffer (staged parameters, a merge's operands and work)
+start at multiples of this: a cache line, for SIMD loads."""
+
+
+def aligned(n: int, to: int = ALIGN) -> int:
+    """``n`` rounded up to a multiple of ``to``."""
+    return _ceil_div(n, to) * to
+
+
 def _strided_span(
     start: int, step: int, lo: int, hi: int, first: int, last: int
 ) -> tuple[int, int]:
@@ -242,7 +252,7 @@ def assembled_bands(
         if tensor.scale == 1.0:
             fill_rows_from(band, tensor, r0, source)
         else:
-            at = -(-len(raw) // _ALIGN) * _ALIGN
+            at = aligned(len(raw), _ALIGN)
             wide_bytes = buffer[at : at + (r1 - r0) * tensor.row_elements * _ALIGN]
             wide = wide_bytes.view(SCALE_DTYPE).reshape(band.shape)
             fill_rows_from(wide, tensor, r0, source)
@@ -250,9 +260,6 @@ def assembled_bands(
                 np.multiply(wide, SCALE_DTYPE.type(tensor.scale), out=wide)
             cast_into(band, wide)
         yield r0 * row_bytes, band, raw
-
-
-_CARVE_ALIGN = 64
 
 
 class _Carve:
@@ -263,7 +270,7 @@ class _Carve:
         self.used = start
 
     def __call__(self, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        start = -(-self.used // _CARVE_ALIGN) * _CARVE_ALIGN
+        start = aligned(self.used)
         count = 1
         for d in shape:
             count *= d
@@ -298,7 +305,7 @@ class _MergeLayout:
 
     def band_bytes(self, rows: int) -> int:
         """An output band, aligned: the merge's arrays begin after it."""
-        return -(-rows * self.cols * self.itemsize // _CARVE_ALIGN) * _CARVE_ALIGN
+        return aligned(rows * self.cols * self.itemsize)
 
     def chunk_bytes(self, rows: int) -> int:
         """``A``'s window prepared (``lora_merge.prepare``) with ``A`` itself, then for a chunk
@@ -307,7 +314,7 @@ class _MergeLayout:
         w, r = self.width, self.rank
         prepared = r * w * 8 + prepared_bytes(w, r)
         operands = rows * r * 8 + rows * w * 8 + rows * w * 4
-        return prepared + operands + work_bytes(rows, w, r) + 16 * _CARVE_ALIGN
+        return prepared + operands + work_bytes(rows, w, r) + 16 * ALIGN
 
     def bytes(self, band_rows: int, chunk_rows: int) -> int:
         return self.band_bytes(band_rows) + self.chunk_bytes(chunk_rows)

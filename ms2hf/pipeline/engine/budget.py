@@ -103,13 +103,8 @@ class MemoryBudget:
             total = max(
                 MIN_BAND_BYTES * count, int(psutil.virtual_memory().available * DEFAULT_FRACTION)
             )
-        elif total < MIN_BAND_BYTES:
-            raise Ms2hfError(
-                f"--memory-budget {format_size(total)} is less than one worker's band buffer "
-                f"({format_size(MIN_BAND_BYTES)}); give at least 1MiB"
-            )
         fits = total // MIN_BAND_BYTES
-        if count > fits:
+        if 0 < fits < count:
             log.info(
                 "note: --memory-budget %s holds %d worker band buffer(s) of %s; using %d "
                 "worker(s) instead of %d",
@@ -119,8 +114,18 @@ class MemoryBudget:
                 fits,
                 count,
             )
-            count = fits
-        return cls(total, count)
+        return cls.fitted(total, count)
+
+    @classmethod
+    def fitted(cls, total: int, workers: int) -> MemoryBudget:
+        """``workers`` band buffers in ``total``, or as many as fit; a budget too small for one
+        is refused."""
+        if total < MIN_BAND_BYTES:
+            raise Ms2hfError(
+                f"--memory-budget {format_size(total)} is less than one worker's band buffer "
+                f"({format_size(MIN_BAND_BYTES)}); give at least 1MiB"
+            )
+        return cls(total, min(workers, total // MIN_BAND_BYTES))
 
     @property
     def band_bytes(self) -> int:

@@ -94,7 +94,7 @@ F16_MAX = 65504.0
 
 @dataclass(frozen=True)
 class FiniteCheck:
-    """The band check of ``write_files``: warn once per tensor, or fail when ``strict``. It
+    """The band check of every write task: warn once per tensor, or fail when ``strict``. It
     tells NaN or inf already in the training checkpoint from values the cast made infinite."""
 
     strict: bool

@@ -31,6 +31,7 @@ from ms2hf.io.sources.plan import SourceParam
 from ms2hf.pipeline.engine.assemble import (
     MappedSource,
     Source,
+    aligned,
     assembled_bands,
     fill_rows_from,
     fit_row,
@@ -40,7 +41,7 @@ from ms2hf.pipeline.engine.assemble import (
 from ms2hf.pipeline.engine.blas import one_blas_thread
 from ms2hf.pipeline.engine.budget import MemoryBudget
 from ms2hf.pipeline.engine.checks import source_has_nonfinite
-from ms2hf.pipeline.engine.jobs import STAGE_SHARE, Job, aligned, plan_jobs
+from ms2hf.pipeline.engine.jobs import STAGE_SHARE, Job, plan_jobs
 from ms2hf.pipeline.engine.progress import Progress
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
 
@@ -97,11 +98,7 @@ class WriteTask:
     """Tags the temporary names, so that attempts at the same file (a task retried on another
     host while the first may still write) never share one."""
 
-    @property
-    def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.files)
-
-    def only(self, files: Sequence[PlannedFile], attempt: str = "") -> WriteTask:
+    def only(self, files: Sequence[PlannedFile]) -> WriteTask:
         """This task narrowed to ``files``, carrying only what they read."""
         names = {name for f in files for t in f.tensors for name in t.tensor.sources}
         return WriteTask(
@@ -111,7 +108,7 @@ class WriteTask:
             {name: self.params[name] for name in sorted(names)},
             self.check,
             self.budget,
-            attempt or self.attempt,
+            self.attempt,
         )
 
 

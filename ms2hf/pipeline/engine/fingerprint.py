@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Mapping, Sequence
 
 from ms2hf.errors import FormatError
@@ -14,23 +15,24 @@ from ms2hf.pipeline.plan import PlannedFile
 
 class RealPaths:
     """``os.path.realpath`` (what ``Path.resolve`` gives) of many files in few folders: each
-    folder is resolved once and each file costs one ``lstat`` (to see whether it is itself a
-    link), not one per component of its path (28,672 for the 4096 rank files of a save)."""
+    folder is resolved once, and a file costs nothing more than the ``lstat`` its caller made
+    anyway, not one per component of its path (28,672 for the 4096 rank files of a save)."""
 
     def __init__(self) -> None:
         self._known: dict[str, str] = {}
 
-    def __call__(self, path: str) -> str:
+    def folder(self, path: str) -> str:
         found = self._known.get(path)
-        if found is not None:
-            return found
-        parent, name = os.path.split(path)
-        if not parent or parent == path or name in ("", ".", "..") or os.path.islink(path):
-            found = os.path.realpath(path)
-        else:
-            found = os.path.join(self(parent), name)
-        self._known[path] = found
+        if found is None:
+            found = self._known[path] = self.file(path, os.path.islink(path))
         return found
+
+    def file(self, path: str, link: bool) -> str:
+        """The real path of ``path``, which its ``lstat`` says is a symbolic link or not."""
+        parent, name = os.path.split(path)
+        if link or not parent or parent == path or name in ("", ".", ".."):
+            return os.path.realpath(path)
+        return os.path.join(self.folder(parent), name)
 
 
 def fingerprint(
@@ -52,10 +54,13 @@ def fingerprint(
     h.update(repr((sorted(metadata.items()), repr(check))).encode())
     for path in paths:
         try:
-            st = os.stat(path)
+            st = os.lstat(path)  # one call for the link test and, for a file, its identity
+            link = stat.S_ISLNK(st.st_mode)
+            if link:
+                st = os.stat(path)
         except OSError as e:
             raise FormatError(f"{path}: cannot read: {e.strerror or e}") from e
-        h.update(repr((real(str(path)), st.st_size, st.st_mtime_ns)).encode())
+        h.update(repr((real.file(str(path), link), st.st_size, st.st_mtime_ns)).encode())
     for f in files:
         h.update(repr((f.name, [(t.dtype, t.tensor) for t in f.tensors])).encode())
     for name in used:

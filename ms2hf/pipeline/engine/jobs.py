@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from ms2hf.io.dtypes import to_numpy
 from ms2hf.io.safetensors_writer import ShardLayout
 from ms2hf.io.sources.plan import SourceParam
-from ms2hf.pipeline.engine.assemble import staged_bytes
+from ms2hf.pipeline.engine.assemble import aligned, staged_bytes
 from ms2hf.pipeline.plan import PlannedFile, PlannedTensor
 
 STAGE_SHARE = 2
@@ -27,12 +27,6 @@ made in the second."""
 RUN_BANDS = 4
 """A run holds at most this many buffers' worth of tensors: enough to spread its set-up over
 many tensors, few enough to spread the work over the workers."""
-ALIGN = 64
-"""Staged parameters start at multiples of this (a cache line)."""
-
-
-def aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +122,6 @@ class OutputRun:
         folder: Path,
         fingerprint: str,
         shards: Mapping[str, int],
-        then: Sequence[str],
         finished: dict[str, str],
         part: Part | None = None,
         identify: bool = False,
@@ -131,7 +130,6 @@ class OutputRun:
         self.folder = folder
         self.fingerprint = fingerprint
         self.shards = dict(shards)
-        self.then = tuple(then)
         self.finished = finished
         """Shard name -> digest, for every shard complete on disk (reused or written now)."""
         self.part = part
@@ -159,7 +157,6 @@ class OutputRun:
             "ms2hf_run": RECORD_FORMAT,
             "fingerprint": self.fingerprint,
             "shards": dict(sorted(self.shards.items())),
-            "then": list(self.then),
             "finished": dict(sorted(self.finished.items())),
             "complete": self.complete,
         }
@@ -240,9 +237,13 @@ def part_record_name(part: Part) -> str:
 def part_records(folder: Path) -> list[str]:
     """The part records in ``folder``, by name."""
     try:
-        return sorted(name for name in os.listdir(folder) if _PART_RECORD.match(name))
+        return _part_records(os.listdir(folder))
     except OSError:
         return []
+
+
+def _part_records(names: Iterable[str]) -> list[str]:
+    return sorted(name for name in names if _PART_RECORD.match(name))
 
 
 def read_run_record(folder: Path, name: str = RUN_RECORD) -> dict[str, Any] | None:
@@ -260,11 +261,10 @@ def read_run_record(folder: Path, name: str = RUN_RECORD) -> dict[str, Any] | No
         and doc.get("ms2hf_run") == RECORD_FORMAT
         and isinstance(doc.get("fingerprint"), str)
         and isinstance(doc.get("shards"), dict)
-        and isinstance(doc.get("then"), list)
         and isinstance(doc.get("finished"), dict)
         and isinstance(doc.get("complete", False), bool)
         and isinstance(doc.get(IDENTITY, {}), dict)
-        and all(_plain_name(n) for n in [*doc["shards"], *doc["then"], *doc["finished"]])
+        and all(_plain_name(n) for n in [*doc["shards"], *doc["finished"]])
         and all(
             isinstance(v, list) and len(v) == 3 and all(type(x) is int for x in v)
             for v in doc.get(IDENTITY, {}).values()
@@ -312,7 +312,7 @@ def _refuse(folder: Path, reason: str) -> OutputError:
 def prepare_output_dir(folder: Path, overwrite: bool, kind: FolderKind = HF_FOLDER) -> None:
     """Create ``folder``, or accept it: empty, an unfinished ms2hf run's, or with ``overwrite``
     one holding other files or a finished conversion; never one holding a weight set ms2hf does
-    not name. Called before any planning work, so that a wrong target fails at once."""
+    not name. Called before a run writes anything, so that a wrong target fails at once."""
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder}: exists and is not a folder")
     try:
@@ -329,7 +329,7 @@ def prepare_output_dir(folder: Path, overwrite: bool, kind: FolderKind = HF_FOLD
             "would take beside (or instead of) the converted one; move it away or choose "
             "another folder"
         )
-    if overwrite or (folder / RUN_RECORD).exists() or part_records(folder):
+    if overwrite or RUN_RECORD in names or _part_records(names):
         return
     if read_finished(folder, kind.index) is not None:
         raise OutputError(
@@ -388,8 +388,9 @@ class _Earlier:
     """Part records by name (unreadable ones left out: nothing in them is trusted)."""
 
     @classmethod
-    def read(cls, folder: Path) -> _Earlier:
-        parts = {name: read_run_record(folder, name) for name in part_records(folder)}
+    def read(cls, folder: Path, names: Iterable[str]) -> _Earlier:
+        """The records among ``names``, the folder's files."""
+        parts = {name: read_run_record(folder, name) for name in _part_records(names)}
         return cls(read_run_record(folder), {n: d for n, d in parts.items() if d})
 
     def records(self) -> list[dict[str, Any]]:
@@ -418,15 +419,14 @@ def claim_output_dir(
     folder: Path,
     fingerprint: str,
     shards: Mapping[str, int],
-    then: Sequence[str],
     overwrite: bool,
     kind: FolderKind = HF_FOLDER,
     inputs: Sequence[Path] = (),
     part: Part | None = None,
     identify: bool = False,
 ) -> Iterator[OutputRun]:
-    """Make ``folder`` ready for a run writing ``shards`` (name -> size), then the files
-    ``then`` and the index; keep the shards an unfinished run (or the parts of one) of the same
+    """Make ``folder`` ready for a run writing ``shards`` (name -> size), then its small files
+    and the index; keep the shards an unfinished run (or the parts of one) of the same
     plan finished. ``folder`` must have been accepted by ``prepare_output_dir``; it stays locked
     until the context exits. ``inputs`` are files the run reads: never removed, never
     overwritten by a shard.
@@ -438,7 +438,8 @@ def claim_output_dir(
     ``identify`` records the identity of each shard committed (written on another host)."""
     lock_fd = _lock(folder, shared=part is not None)
     try:
-        earlier = _Earlier.read(folder)
+        names = sorted(os.listdir(folder))
+        earlier = _Earlier.read(folder, names)
         if earlier.main == {} and not overwrite:
             raise _refuse(folder, f"its ms2hf run record {RUN_RECORD} is unreadable")
         finished_runs = [d for d in earlier.others(fingerprint) if d.get("complete")]
@@ -460,7 +461,6 @@ def claim_output_dir(
             if name in shards
             and _reusable(folder, name, shards[name], digest, identities.get(name))
         }
-        names = sorted(p.name for p in folder.iterdir())
         read = _inputs_here(folder, inputs)
         clobbered = sorted(read & set(shards))
         if clobbered:
@@ -472,7 +472,6 @@ def claim_output_dir(
             folder,
             fingerprint,
             shards,
-            then,
             finished,
             part,
             identify,
@@ -499,11 +498,9 @@ def claim_output_dir(
                 "removed from %s (an earlier weight set ms2hf names): %s", folder, ", ".join(gone)
             )
         run.save()
-        for name in earlier.parts:  # taken over: the run's own record now holds what they did
-            _unlink(folder / name)
         run.parts_taken = sum(1 for d in earlier.parts.values() if d["fingerprint"] == fingerprint)
-        for name in set(part_records(folder)) - set(earlier.parts):
-            _unlink(folder / name)  # unreadable
+        for name in _part_records(names):  # taken over (the run's record now holds what they
+            _unlink(folder / name)  # did), or unreadable
         yield run
     finally:
         os.close(lock_fd)  # releases the lock

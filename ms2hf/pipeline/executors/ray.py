@@ -35,7 +35,7 @@ from typing import Any
 
 from ms2hf.errors import Ms2hfError, OutputError
 from ms2hf.io.mapped import MappedFiles
-from ms2hf.pipeline.engine.budget import MIN_BAND_BYTES, MemoryBudget, format_size
+from ms2hf.pipeline.engine.budget import MemoryBudget, format_size
 from ms2hf.pipeline.engine.execute import WriteTask, write_task
 from ms2hf.pipeline.engine.output_dir import OutputRun
 from ms2hf.pipeline.engine.progress import Progress
@@ -65,13 +65,7 @@ def task_budget(memory_budget: int | None, workers: int | None) -> MemoryBudget:
     """Each task's memory budget and threads: the options', or the defaults. The budget is what
     the task declares to Ray; its band buffers stay within it, as in a local run."""
     total = TASK_MEMORY if memory_budget is None else memory_budget
-    if total < MIN_BAND_BYTES:
-        raise Ms2hfError(
-            f"--memory-budget {format_size(total)} is less than one worker's band buffer "
-            f"({format_size(MIN_BAND_BYTES)}); give at least 1MiB"
-        )
-    count = min(workers or TASK_WORKERS, total // MIN_BAND_BYTES)
-    return MemoryBudget(total, count)
+    return MemoryBudget.fitted(total, workers or TASK_WORKERS)
 
 
 def _import_ray() -> ModuleType:
@@ -195,9 +189,14 @@ def _quiet_stdout() -> Iterator[None]:
         os.close(saved)
 
 
+def _live_hosts(ray: Any) -> list[dict[str, float]]:
+    """The resources of each live host of the cluster."""
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
 def _check_fits(ray: Any, budget: MemoryBudget) -> None:
     """A task no host can hold would wait for one forever: say so instead."""
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    nodes = _live_hosts(ray)
     if any(r.get("memory", 0) >= budget.total and r.get("CPU", 0) >= budget.workers for r in nodes):
         return
     largest: dict[str, float] = max(
@@ -212,10 +211,9 @@ def _check_fits(ray: Any, budget: MemoryBudget) -> None:
 
 def _slots(ray: Any, budget: MemoryBudget) -> int:
     """How many tasks the cluster can run at once."""
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     return sum(
         min(int(r.get("CPU", 0) // budget.workers), int(r.get("memory", 0) // budget.total))
-        for r in nodes
+        for r in _live_hosts(ray)
     )
 
 
