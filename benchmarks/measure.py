@@ -166,6 +166,19 @@ def run(
     )
 
 
+def run_checked(
+    command: Sequence[str],
+    what: str,
+    memcap: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Measured:
+    """``run``, raising if the command failed: ``what`` names it in the error, with its stderr."""
+    done = run(command, memcap, env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what}: exit {done.returncode}\n{done.stderr}")
+    return done
+
+
 def sync() -> None:
     """Write back everything dirty, so no earlier run's writes land inside the next one."""
     os.sync()

@@ -213,16 +213,12 @@ def _phases(root: Path, out: Path, trace: bool) -> dict[str, object]:
 
 def _driver(root: Path, out: Path, env: dict[str, str], trace: bool = False) -> dict:
     argv = jobs.python("-m", "benchmarks.ranks", str(root), str(out), *(["--trace"] * trace))
-    done = measure.run(argv, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"phase driver failed on {root}:\n{done.stderr}")
+    done = measure.run_checked(argv, f"phase driver on {root}", env=env)
     return {**json.loads(done.stdout), "wall": done.seconds}
 
 
 def _convert(root: Path, out: Path, env: dict[str, str]) -> dict:
-    done = measure.run(jobs.convert(root, out), env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"convert failed on {root}:\n{done.stderr}")
+    done = measure.run_checked(jobs.convert(root, out), f"convert on {root}", env=env)
     return {
         "wall": done.seconds,
         "reported": done.reported_seconds,

@@ -55,18 +55,24 @@ NAMESPACES = [
     *("unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "--"),
     *("sh", "-c", 'ip link set lo up && exec "$@"', "sh"),
 ]
+"""Only ``lo``, up; the helper is pid 1 of its namespace, so when it ends, or ``unshare`` is
+killed (``--kill-child``), everything Ray started there ends too. tests/test_ray.py uses it too."""
 
 
 def unavailable() -> str | None:
+    """Why a Ray node in ``NAMESPACES`` cannot run here, or None if it can."""
     if importlib.util.find_spec("ray") is None:
         return "Ray is not installed (pip install -e '.[ray]')"
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "unshare or ip is missing"
     probe = subprocess.run([*NAMESPACES, "true"], capture_output=True, text=True, check=False)
     if probe.returncode != 0:
-        return f"cannot make a network namespace here: {probe.stderr.strip()[:200]}"
+        return f"cannot make network namespaces here: {probe.stderr.strip()[:200]}"
     return None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """A child's ``preexec_fn``: it is killed when the process that started it ends."""
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
@@ -86,7 +92,7 @@ def ray_node(env: dict[str, str], log: Callable[[str], None]) -> Iterator[tuple[
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     try:
         while not address_file.exists():

@@ -182,9 +182,7 @@ def planning(bench: Bench, roots: dict[str, Path]) -> dict[str, dict]:
         measure.run(jobs.plan(root), None, bench.env)
         runs = []
         for _ in range(bench.repeat):
-            m = measure.run(jobs.plan(root), None, bench.env)
-            if m.returncode != 0:
-                raise RuntimeError(f"{name} planning: exit {m.returncode}\n{m.stderr}")
+            m = measure.run_checked(jobs.plan(root), f"{name} planning", env=bench.env)
             runs.append(
                 {
                     **json.loads(m.stdout),
@@ -313,34 +311,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         checks.update(
             memory_runs(bench, workloads[w], roots[w], shapes[w], reference, merge_reverse=True)
         )
-    if "moe" in sections:
-        m = "M64"
-        speed(bench, workloads[m], roots[m], shapes[m], merge_reverse=False, keep=True)
-        reference = bench.out / "converted"
-        checks.update(
-            memory_runs(bench, workloads[m], roots[m], shapes[m], reference, merge_reverse=False)
-        )
-    if "ckpt2" in sections:
-        for name in NEEDS["ckpt2"]:
-            speed(bench, workloads[name], roots[name], shapes[name], merge_reverse=False, keep=True)
-            reference = bench.out / "converted"
-            checks.update(
-                memory_runs(
-                    bench,
-                    workloads[name],
-                    roots[name],
-                    shapes[name],
-                    reference,
-                    merge_reverse=False,
+    for section in ("moe", "ckpt2", "lora"):  # each workload: speed, then memory against it
+        if section in sections:
+            for name in NEEDS[section]:
+                workload, root, shape = workloads[name], roots[name], shapes[name]
+                speed(bench, workload, root, shape, merge_reverse=False, keep=True)
+                reference = bench.out / "converted"
+                checks.update(
+                    memory_runs(bench, workload, root, shape, reference, merge_reverse=False)
                 )
-            )
-    if "lora" in sections:
-        w = "W-lora"
-        speed(bench, workloads[w], roots[w], shapes[w], merge_reverse=False, keep=True)
-        reference = bench.out / "converted"
-        checks.update(
-            memory_runs(bench, workloads[w], roots[w], shapes[w], reference, merge_reverse=False)
-        )
     plans = {}
     if "plan" in sections:
         plans = planning(bench, {name: roots[name] for name in NEEDS["plan"]})

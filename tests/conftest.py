@@ -49,6 +49,9 @@ DENSE_FIXTURES = [
     "tiny_tied_fp32_tp2pp2",
 ]
 MOE_FIXTURES = ["moe_fp32_dp2tp2pp2_ep2"]
+DATA_LORA = Path(__file__).parent / "data-lora"
+LORA_FIXTURES = ["tiny_lora_fp32_tp2pp2", "moe_lora_fp32_dp2tp2pp2_ep2"]
+"""The genuine LoRA fine-tunes: a dense Qwen3 and a Qwen3-MoE."""
 EXPECTED_DTYPE = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16, "fp32": np.float32}
 
 
@@ -63,6 +66,11 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.startswith(".")}
 
 
+def every_file(folder: Path) -> dict[str, bytes]:
+    """Every file, hidden ones too (a run record, or a temporary file that must be gone)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
 def load_hf_dir(path: Path) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -73,15 +81,20 @@ def load_hf_dir(path: Path) -> dict[str, np.ndarray]:
 def assert_matches_ground_truth(out: Path, fixture: Path, dtype: str) -> None:
     """The converted folder holds exactly the fixture's ground-truth tensors, cast as ``dtype``
     says (``source`` keeps them), bit for bit."""
-    got = load_hf_dir(out)
     truth = load_tensors(fixture / "ground_truth" / "hf_model.safetensors")
-    assert sorted(got) == sorted(truth)
-    for name, want in truth.items():
-        if dtype != "source":
-            want = want.astype(EXPECTED_DTYPE[dtype])
-        assert got[name].dtype == want.dtype, name
-        assert got[name].shape == want.shape, name
-        assert got[name].tobytes() == want.tobytes(), name
+    if dtype != "source":
+        truth = {name: want.astype(EXPECTED_DTYPE[dtype]) for name, want in truth.items()}
+    assert_same_tensors(load_hf_dir(out), truth)
+
+
+def assert_same_tensors(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    """The same tensor names, and each tensor of the same dtype and shape, bit for bit."""
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        g = got[name]
+        assert g.dtype == w.dtype, name
+        assert g.shape == w.shape, name
+        assert g.tobytes() == w.tobytes(), name
 
 
 @pytest.fixture(params=DENSE_FIXTURES)
@@ -120,6 +133,16 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str
     """``ms2hf ARGV...`` in-process: its exit status and what it printed to stderr."""
     code = main([str(a) for a in argv])
     return code, capsys.readouterr().err
+
+
+def fails(capsys: pytest.CaptureFixture[str], *argv: object) -> str:
+    """``ms2hf ARGV... -q`` must keep the error contract (exit status 2, one line, no
+    traceback): that line."""
+    code, err = run_cli(capsys, *argv, "-q")
+    assert code == 2, err
+    (line,) = err.strip().splitlines()
+    assert "Traceback" not in line
+    return line
 
 
 def fitting_tokens(name: str, dest: Path) -> Path:

@@ -20,10 +20,12 @@ from ms2hf.io.safetensors_writer import save_file
 from tests.conftest import DATA, load_tensors
 
 
-def copy_fixture(name: str, dest: Path) -> Path:
-    """``checkpoint/`` and ``strategy/`` of a fixture, copied to ``dest``."""
+def copy_fixture(fixture: str | Path, dest: Path) -> Path:
+    """``checkpoint/`` and ``strategy/`` of a fixture (a name in tests/data, or the fixture's
+    own folder), copied to ``dest``."""
+    source = DATA / fixture  # a folder's absolute path stays as it is
     for part in ("checkpoint", "strategy"):
-        shutil.copytree(DATA / name / part, dest / part)
+        shutil.copytree(source / part, dest / part)
     return dest
 
 
@@ -63,3 +65,18 @@ def edit_tensors(path: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> N
         header.metadata,
         {n: dtypes.get(n, names[a.dtype]) for n, a in tensors.items()},
     )
+
+
+NAN_PARAM = "decoder.layers.2.mlp.linear_fc2.weight"
+"""The parameter ``nan_copy`` puts its NaN in (Hugging Face's model.layers.2.mlp.down_proj)."""
+
+
+def nan_copy(dest: Path) -> Path:
+    """tiny_fp32 copied to ``dest`` with one NaN: ``NAN_PARAM[5, 7]`` in rank 2's file."""
+    root = copy_fixture("tiny_fp32", dest)
+
+    def poison(tensors: dict[str, np.ndarray]) -> None:
+        tensors[NAN_PARAM][5, 7] = np.nan
+
+    edit_tensors(rank_file(root, 2), poison)
+    return root

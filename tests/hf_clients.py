@@ -1,6 +1,6 @@
 """What the real-client tests share (``test_transformers_roundtrip.py``, ``test_peft_roundtrip``):
-the tiny model's sizes, the generator run that saves it as MindSpore would, and a record of every
-warning the clients log or raise (a converted model must load without one)."""
+the tiny model's sizes, its MoE variant, the generator run that saves it as MindSpore would, and a
+record of every warning the clients log or raise (a converted model must load without one)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from ms2hf.generator import GeneratorConfig
+from ms2hf.generator import GeneratorConfig, MoeConfig
 
 SIZES = {
     "vocab_size": 256,
@@ -23,6 +23,20 @@ SIZES = {
 }
 """The tiny model, in config.json's names."""
 ATTENTION = "eager"
+MOE = MoeConfig(experts=8, moe_ffn=32, top_k=2, ep=2, mlp_only_layers=(0,))
+"""The tiny Qwen3-MoE: a dense first layer, then eight experts, two per token, over expert
+parallel 2."""
+
+
+def moe_entries(moe: MoeConfig) -> dict[str, Any]:
+    """``moe`` in config.json's names (a Qwen3-MoE's, top-k weights normalized)."""
+    return {
+        "num_experts": moe.experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.moe_ffn,
+        "mlp_only_layers": list(moe.mlp_only_layers),
+        "norm_topk_prob": True,
+    }
 
 
 def training_run(**settings: Any) -> GeneratorConfig:

@@ -12,8 +12,9 @@ import pytest
 import ms2hf
 from ms2hf.pipeline.engine import assemble
 from ms2hf.pipeline.engine.blas import Controls, one_blas_thread, openblas_controls
+from tests.conftest import DATA_LORA
 
-TINY_LORA = Path(__file__).parent / "data-lora" / "tiny_lora_fp32_tp2pp2"
+TINY_LORA = DATA_LORA / "tiny_lora_fp32_tp2pp2"
 
 
 @pytest.fixture

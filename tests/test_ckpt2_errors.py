@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import DATA_CKPT2
-from tests.conftest import run_cli as run
+from tests.conftest import DATA_CKPT2, fails
 
 FIXTURE = DATA_CKPT2 / "tiny_tied_fp32_tp2pp2_dedup"
 ITERATION = "iteration_00001000"
@@ -39,10 +38,7 @@ def folder(root: Path) -> Path:
 def convert_fails(capsys: pytest.CaptureFixture[str], root: Path, *names: str) -> str:
     """``convert`` refuses ``root`` with one line naming each of ``names``; nothing written."""
     out = root.parent / "hf"
-    code, err = run(capsys, "convert", root, out, "-q")
-    assert code == 2, err
-    assert "Traceback" not in err
-    (line,) = err.strip().splitlines()
+    line = fails(capsys, "convert", root, out)
     assert line.startswith("ms2hf convert: error: ") and len(line) < 600, line
     assert not out.exists() or not list(out.glob("*.safetensors"))
     for name in names:

@@ -56,7 +56,7 @@ def test_verbosity_before_the_command_and_v_adds_detail(
     assert "source file(s)" in verbose
 
 
-def test_a_reader_that_goes_away_ends_the_run_quietly(tmp_path: Path) -> None:
+def test_a_reader_that_goes_away_ends_the_run_quietly() -> None:
     read, write = os.pipe()
     os.close(read)  # as `| head` does once it has its lines
     try:

@@ -21,20 +21,25 @@ from ms2hf.generator import Generated, GeneratorConfig, LoraConfig, MoeConfig, g
 from ms2hf.io.config_files import read_train_config
 from ms2hf.io.safetensors_reader import SafetensorsHeader
 from ms2hf.io.sources.strategy import load_strategy
-from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, load_tensors
+from tests.conftest import (
+    DATA,
+    DATA_LORA,
+    DENSE_FIXTURES,
+    LORA_FIXTURES,
+    MOE_FIXTURES,
+    load_tensors,
+)
 from tests.oracle import legacy
 from tests.oracle import lora as lora_oracle
 from tests.oracle.convert import hf_tensors
 from tests.oracle.convert import mismatches as oracle_mismatches
 from tests.oracle.files import read_tensors
 
-LORA_DATA = DATA.parent / "data-lora"
-LORA_FIXTURES = ["tiny_lora_fp32_tp2pp2", "moe_lora_fp32_dp2tp2pp2_ep2"]
 FIXTURES = DENSE_FIXTURES + MOE_FIXTURES + LORA_FIXTURES
 
 
 def fixture_path(name: str) -> Path:
-    return (LORA_DATA if name in LORA_FIXTURES else DATA) / name
+    return (DATA_LORA if name in LORA_FIXTURES else DATA) / name
 
 
 def truth_weights(fixture: Path) -> dict[str, np.ndarray]:

@@ -37,6 +37,35 @@ def rank_files(fixture: str) -> list[Path]:
     return sorted((DATA / fixture / "checkpoint").glob("rank_*/*.safetensors"))
 
 
+def scrambled_copy(src: Path, dest: Path, pattern: bytes) -> Path:
+    """``src`` copied to ``dest``, the data of every rank or iteration file in ``checkpoint/``
+    overwritten (headers kept): ``pattern`` over and over, the remainder 0x7f."""
+    shutil.copytree(src, dest)
+    for path in dest.glob("checkpoint/*/*.safetensors"):
+        start = min(t.start for t in SafetensorsHeader(path).tensors.values())
+        size = path.stat().st_size
+        with open(path, "r+b") as f:
+            f.seek(start)
+            n = size - start
+            f.write(pattern * (n // len(pattern)) + b"\x7f" * (n % len(pattern)))
+    return dest
+
+
+@pytest.fixture
+def no_safetensors_mmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mapping a ``.safetensors`` file fails the test (metadata.json may be mapped: it holds no
+    tensor byte)."""
+    real_mmap = mmap.mmap
+
+    def guarded(fileno: int, *args: object, **kwargs: object) -> mmap.mmap:
+        path = os.readlink(f"/proc/self/fd/{fileno}")
+        if path.endswith(".safetensors"):
+            raise AssertionError(f"inspect mapped {path}")
+        return real_mmap(fileno, *args, **kwargs)
+
+    monkeypatch.setattr(mmap, "mmap", guarded)
+
+
 @pytest.mark.parametrize("fixture", ALL_FIXTURES)
 def test_layout_agrees_with_how_the_fixture_was_made(fixture: str) -> None:
     m = manifest(fixture)
@@ -138,28 +167,10 @@ def test_moe_shows_expert_parallelism_the_router_and_why_fi_accu_is_skipped(
     assert "decoder.layers.*.mlp.router.fi_accu (x2)" in " ".join(text[skipped : skipped + 2])
 
 
-def test_reads_no_tensor_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reads_no_tensor_bytes(tmp_path: Path, no_safetensors_mmap: None) -> None:
     """Scrambling every tensor's data changes nothing, and mapping a file is an error."""
     src = DATA / "tiny_fp32_dp2tp2pp2_opt"
-    copy = tmp_path / "run"
-    shutil.copytree(src, copy)
-    for path in (copy / "checkpoint").glob("rank_*/*.safetensors"):
-        header = SafetensorsHeader(path)
-        start = min(t.start for t in header.tensors.values())
-        size = path.stat().st_size
-        with open(path, "r+b") as f:
-            f.seek(start)
-            f.write(bytes(range(256)) * ((size - start) // 256) + b"\x7f" * ((size - start) % 256))
-
-    real_mmap = mmap.mmap
-
-    def no_safetensors_mmap(fileno: int, *args: object, **kwargs: object) -> mmap.mmap:
-        path = os.readlink(f"/proc/self/fd/{fileno}")
-        if path.endswith(".safetensors"):
-            raise AssertionError(f"inspect mapped {path}")
-        return real_mmap(fileno, *args, **kwargs)  # metadata.json: no tensor byte
-
-    monkeypatch.setattr(mmap, "mmap", no_safetensors_mmap)
+    copy = scrambled_copy(src, tmp_path / "run", bytes(range(256)))
     got = inspect(copy).to_dict()
     want = inspect(src).to_dict()
     assert {k: v for k, v in got.items() if k != "path"} == {
@@ -309,27 +320,10 @@ def test_checkpoint2_agrees_with_its_legacy_twin(name: str) -> None:
 
 
 def test_checkpoint2_inspect_reads_no_tensor_bytes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, no_safetensors_mmap: None
 ) -> None:
     src = DATA_CKPT2 / "moe_fp32_dp2tp2pp2_ep2_dedup"
-    copy = tmp_path / "run"
-    shutil.copytree(src, copy)
-    for path in copy.glob("checkpoint/*/*.safetensors"):
-        start = min(t.start for t in SafetensorsHeader(path).tensors.values())
-        size = path.stat().st_size
-        with open(path, "r+b") as f:
-            f.seek(start)
-            f.write(b"\x7f" * (size - start))
-
-    real_mmap = mmap.mmap
-
-    def no_safetensors_mmap(fileno: int, *args: object, **kwargs: object) -> mmap.mmap:
-        path = os.readlink(f"/proc/self/fd/{fileno}")
-        if path.endswith(".safetensors"):
-            raise AssertionError(f"inspect mapped {path}")
-        return real_mmap(fileno, *args, **kwargs)  # metadata.json: no tensor byte
-
-    monkeypatch.setattr(mmap, "mmap", no_safetensors_mmap)
+    copy = scrambled_copy(src, tmp_path / "run", b"\x7f")
     got, want = inspect(copy).to_dict(), inspect(src).to_dict()
     assert {k: v for k, v in got.items() if k != "path"} == {
         k: v for k, v in want.items() if k != "path"

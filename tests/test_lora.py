@@ -24,40 +24,31 @@ from ms2hf.commands.merge import MergeOptions, merge
 from ms2hf.commands.reverse import reverse
 from ms2hf.io.safetensors_writer import ShardWriter
 from ms2hf.io.sources.legacy import plan_source
-from tests.conftest import DATA, folder_bytes, load_hf_dir, load_tensors
+from tests.conftest import (
+    DATA,
+    DATA_LORA,
+    LORA_FIXTURES,
+    assert_same_tensors,
+    fails,
+    folder_bytes,
+    load_hf_dir,
+    load_tensors,
+)
 from tests.conftest import run_cli as run
-from tests.edit_checkpoint import edit_tensors, rank_file
+from tests.edit_checkpoint import copy_fixture, edit_tensors, rank_file
 from tests.oracle import lora as oracle
 
-LORA_DATA = Path(__file__).parent / "data-lora"
-FIXTURES = ["tiny_lora_fp32_tp2pp2", "moe_lora_fp32_dp2tp2pp2_ep2"]
-TINY = LORA_DATA / FIXTURES[0]
+TINY = DATA_LORA / LORA_FIXTURES[0]
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
 
 
-@pytest.fixture(params=FIXTURES)
+@pytest.fixture(params=LORA_FIXTURES)
 def fixture(request: pytest.FixtureRequest) -> Path:
-    return LORA_DATA / request.param
+    return DATA_LORA / request.param
 
 
 def truth(fixture: Path, name: str) -> dict[str, np.ndarray]:
     return load_tensors(fixture / "ground_truth" / name)
-
-
-def same_tensors(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        assert got[name].dtype == w.dtype and got[name].shape == w.shape, name
-        assert got[name].tobytes() == w.tobytes(), name
-
-
-def copy_run(source: Path, dest: Path, run_config: bool = False) -> Path:
-    """A fixture's checkpoint/ and strategy/ (and, if asked, its run's adapter_config.json)."""
-    for part in ("checkpoint", "strategy"):
-        shutil.copytree(source / part, dest / part)
-    if run_config:
-        shutil.copy(source / "adapter_config.json", dest)
-    return dest
 
 
 # --- the ground truth -----------------------------------------------------------------------
@@ -73,7 +64,7 @@ def test_merged_model_is_the_ground_truth_in_fp32_and_bf16(fixture: Path, tmp_pa
         expected = (
             want if dtype == "fp32" else {k: v.astype(ml_dtypes.bfloat16) for k, v in want.items()}
         )
-        same_tensors(load_hf_dir(tmp_path / dtype), expected)
+        assert_same_tensors(load_hf_dir(tmp_path / dtype), expected)
 
 
 def test_adapter_is_the_ground_truth_byte_for_byte(fixture: Path, tmp_path: Path) -> None:
@@ -92,13 +83,13 @@ def test_adapter_is_the_ground_truth_byte_for_byte(fixture: Path, tmp_path: Path
 
 def test_base_model_is_the_plain_conversion(fixture: Path, tmp_path: Path) -> None:
     ms2hf.convert(fixture, tmp_path, lora="base", dtype="source", progress=False)
-    same_tensors(load_hf_dir(tmp_path), truth(fixture, "hf_base.safetensors"))
+    assert_same_tensors(load_hf_dir(tmp_path), truth(fixture, "hf_base.safetensors"))
 
 
 def test_dtype_applies_to_the_adapter(tmp_path: Path) -> None:
     ms2hf.convert(TINY, tmp_path, lora="adapter", progress=False)  # default --dtype bf16
     want = truth(TINY, "adapter/adapter_model.safetensors")
-    same_tensors(
+    assert_same_tensors(
         load_tensors(tmp_path / "adapter_model.safetensors"),
         {k: v.astype(ml_dtypes.bfloat16) for k, v in want.items()},
     )
@@ -152,22 +143,13 @@ def test_writing_the_adapter_reads_only_lora_bytes(fixture: Path, tmp_path: Path
 @pytest.fixture
 def bare(tmp_path: Path) -> Path:
     """The tiny LoRA run without its adapter_config.json: alpha known from nowhere."""
-    return copy_run(TINY, tmp_path / "run")
+    return copy_fixture(TINY, tmp_path / "run")
 
 
 def yaml_with(path: Path, **pet: object) -> Path:
     pet_config = {"pet_type": "lora", **pet}
     path.write_text(json.dumps({"model": {"model_config": {"pet_config": pet_config}}}))
     return path
-
-
-def fails(capsys: pytest.CaptureFixture[str], *argv: object) -> str:
-    """Run the command line, require the error contract and return the one line."""
-    code, err = run(capsys, *argv, "-q")
-    assert code == 2, err
-    (line,) = err.strip().splitlines()
-    assert "Traceback" not in line
-    return line
 
 
 def merged_layer0_q(out: Path) -> np.ndarray:
@@ -351,7 +333,7 @@ def test_lora_on_moe_experts_or_router_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for module in ("mlp.router", "mlp.experts.weight1", "mlp.experts"):
-        params = model_params(LORA_DATA / FIXTURES[1])
+        params = model_params(DATA_LORA / LORA_FIXTURES[1])
         params[f"decoder.layers.2.{module}.lora_A.weight"] = np.zeros((8, 64), "f4")
         path = tmp_path / "unified.safetensors"
         save_file(params, path)
@@ -366,7 +348,8 @@ def _drop(tensors: dict[str, np.ndarray], name: str) -> None:
 def test_a_missing_half_in_the_rank_files_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_dir = copy_run(TINY, tmp_path / "run", run_config=True)
+    run_dir = copy_fixture(TINY, tmp_path / "run")
+    shutil.copy(TINY / "adapter_config.json", run_dir)
     name = "decoder.layers.3.mlp.linear_fc2.lora_B.weight"
     for rank in (2, 3):
         edit_tensors(rank_file(run_dir, rank), lambda t: _drop(t, name))

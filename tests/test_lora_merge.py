@@ -6,8 +6,6 @@ bands and column windows, however small the buffer, give the same bytes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -21,9 +19,9 @@ from ms2hf.pipeline.engine.assemble import _MergeLayout, assembled_bands, fit_ro
 from ms2hf.pipeline.lora import LoraRequest, lora_given
 from ms2hf.pipeline.plan import plan_hf_checkpoint
 from ms2hf.transforms.lora_merge import Work, merge_rows, prepare
+from tests.conftest import DATA_LORA
 from tests.oracle.lora import merge_weight
 
-LORA_DATA = Path(__file__).parent / "data-lora"
 DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
 
 
@@ -72,19 +70,15 @@ def test_equals_the_rule_where_the_change_cancels_the_weight() -> None:
         assert certified(w, b, a, scale).tobytes() == merge_weight(w, b, a, scale).tobytes()
 
 
-def reversed_matmul(real: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+def reversed_matmul(x: np.ndarray, y: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """A matrix product summing k from the top down: a legal BLAS, not the rule's order."""
-
-    def matmul(x: np.ndarray, y: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        acc = x[:, -1:] * y[-1:, :]
-        for k in range(x.shape[1] - 2, -1, -1):
-            acc = acc + x[:, k : k + 1] * y[k : k + 1, :]
-        if out is None:
-            return acc
-        out[...] = acc
-        return out
-
-    return matmul
+    acc = x[:, -1:] * y[-1:, :]
+    for k in range(x.shape[1] - 2, -1, -1):
+        acc = acc + x[:, k : k + 1] * y[k : k + 1, :]
+    if out is None:
+        return acc
+    out[...] = acc
+    return out
 
 
 def test_exact_whatever_order_the_product_sums_in(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +86,7 @@ def test_exact_whatever_order_the_product_sums_in(monkeypatch: pytest.MonkeyPatc
     values; the certified merge does not (its uncertain elements go to the fixed order)."""
     rng = np.random.default_rng(11)
     cases = [adversarial(rng, 32, 48, 16) for _ in range(20)]
-    monkeypatch.setattr(np, "matmul", reversed_matmul(np.matmul))
+    monkeypatch.setattr(np, "matmul", reversed_matmul)
     naive_differs = 0
     for w, b, a, scale in cases:
         want = merge_weight(w, b, a, scale)
@@ -132,7 +126,7 @@ def test_bands_chunks_and_column_windows_give_the_same_bytes(budget: int) -> Non
     """A smaller buffer cuts a fine-tuned weight into smaller output bands, merged a chunk of
     rows at a time and, once a row of float64 work no longer fits, a window of columns at a
     time: the bytes do not change, and everything stays inside the buffer."""
-    fixture = LORA_DATA / "tiny_lora_fp32_tp2pp2"
+    fixture = DATA_LORA / "tiny_lora_fp32_tp2pp2"
     source = plan_source(fixture / "checkpoint", fixture / "strategy")
     request = LoraRequest(given=lora_given(16, None, None))
     plan = plan_hf_checkpoint(source, {}, "bf16", 10**9, lora_request=request)

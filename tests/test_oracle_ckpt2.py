@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import CKPT2_TWINS, DATA_CKPT2, assert_same_tensors
+from tests.conftest import DATA as LEGACY
 from tests.oracle.ckpt2 import (
     Ckpt2Error,
     parse_storage_key,
@@ -23,100 +25,30 @@ from tests.oracle.ckpt2 import (
     select_iteration,
 )
 from tests.oracle.files import read_tensors
-
-DATA = Path(__file__).parent / "data-ckpt2"
-LEGACY = Path(__file__).parent / "data"
-FIXTURES = {
-    "tiny_fp32_dp2tp2pp2_opt": "tiny_fp32_dp2tp2pp2_opt",
-    "tiny_fp32_dp2tp2pp2_opt_dedup": "tiny_fp32_dp2tp2pp2_opt",
-    "tiny_tied_fp32_tp2pp2_dedup": "tiny_tied_fp32_tp2pp2",
-    "moe_fp32_dp2tp2pp2_ep2_dedup": "moe_fp32_dp2tp2pp2_ep2",
-}
+from tests.oracle.qwen3 import to_hf
 
 
-# --- TEMPORARY: a minimal MCore -> Hugging Face split for Qwen3 / Qwen3-MoE (SPEC sections 4-5).
-# --- To be replaced by ``tests.oracle.qwen3`` at merge; kept deliberately small.
-def _to_hf_temporary(mc: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
-    nh, ng, d = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
-    r = nh // ng
-    out: dict[str, np.ndarray] = {}
-    for name, t in mc.items():
-        if name.endswith(".router.fi_accu"):
-            continue  # a training statistic, not a weight
-        if name == "embedding.word_embeddings.weight":
-            out["model.embed_tokens.weight"] = t
-        elif name == "decoder.final_layernorm.weight":
-            out["model.norm.weight"] = t
-        elif name == "output_layer.weight":
-            out["lm_head.weight"] = t
-        else:
-            parts = name.split(".")
-            i, rest = parts[2], ".".join(parts[3:])
-            p = f"model.layers.{i}."
-            if rest == "self_attention.linear_qkv.weight":
-                v = t.reshape(ng, (r + 2) * d, t.shape[1])
-                out[p + "self_attn.q_proj.weight"] = v[:, : r * d].reshape(nh * d, -1)
-                out[p + "self_attn.k_proj.weight"] = v[:, r * d : r * d + d].reshape(ng * d, -1)
-                out[p + "self_attn.v_proj.weight"] = v[:, r * d + d :].reshape(ng * d, -1)
-            elif rest == "mlp.linear_fc1.weight":
-                out[p + "mlp.gate_proj.weight"] = t[0::2]
-                out[p + "mlp.up_proj.weight"] = t[1::2]
-            elif rest == "mlp.experts.weight1":
-                e_count, fm = config["num_experts"], config["moe_intermediate_size"]
-                w = t.reshape(e_count, -1, 2 * fm)
-                for e in range(e_count):
-                    out[p + f"mlp.experts.{e}.gate_proj.weight"] = w[e][:, :fm].T
-                    out[p + f"mlp.experts.{e}.up_proj.weight"] = w[e][:, fm:].T
-            elif rest == "mlp.experts.weight2":
-                e_count, fm = config["num_experts"], config["moe_intermediate_size"]
-                w = t.reshape(e_count, fm, -1)
-                for e in range(e_count):
-                    out[p + f"mlp.experts.{e}.down_proj.weight"] = w[e].T
-            else:
-                hf = {
-                    "input_layernorm.weight": "input_layernorm.weight",
-                    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
-                    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
-                    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
-                    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
-                    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
-                    "mlp.router.weight": "mlp.gate.weight",
-                }[rest]
-                out[p + hf] = t
-    if "lm_head.weight" not in out:
-        out["lm_head.weight"] = out["model.embed_tokens.weight"]  # tied: a copy of the embedding
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
-
-
-# --- end of TEMPORARY
-
-
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", sorted(CKPT2_TWINS))
 def test_reassembled_model_matches_ground_truth(name: str) -> None:
-    fixture = DATA / name
+    fixture = DATA_CKPT2 / name
     folder = select_iteration(fixture / "checkpoint")
     assert folder.name == "iteration_00001000"
-    config = json.loads((fixture / "ground_truth" / "config.json").read_text())
-    hf = _to_hf_temporary(reassemble(folder), config)
     truth = read_tensors(fixture / "ground_truth" / "hf_model.safetensors")
-    assert sorted(hf) == sorted(truth)
-    for key, want in truth.items():
-        assert hf[key].dtype == want.dtype and hf[key].shape == want.shape, key
-        assert hf[key].tobytes() == want.tobytes(), key
+    assert_same_tensors(to_hf(reassemble(folder)), truth)
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", sorted(CKPT2_TWINS))
 def test_ground_truth_is_the_legacy_runs(name: str) -> None:
     """Same run, same weights: the ground-truth files equal the legacy fixture's byte for byte."""
     for f in ("hf_model.safetensors", "config.json"):
-        a = (DATA / name / "ground_truth" / f).read_bytes()
-        assert a == (LEGACY / FIXTURES[name] / "ground_truth" / f).read_bytes(), f
+        a = (DATA_CKPT2 / name / "ground_truth" / f).read_bytes()
+        assert a == (LEGACY / CKPT2_TWINS[name] / "ground_truth" / f).read_bytes(), f
 
 
-@pytest.mark.parametrize("name", sorted(FIXTURES))
+@pytest.mark.parametrize("name", sorted(CKPT2_TWINS))
 def test_model_files_alone_suffice(name: str, tmp_path: Path) -> None:
     """Users often copy only the -model- files: the optimizer files are never needed."""
-    src = select_iteration(DATA / name / "checkpoint")
+    src = select_iteration(DATA_CKPT2 / name / "checkpoint")
     dst = tmp_path / "iteration_00001000"
     dst.mkdir()
     for p in src.iterdir():
@@ -130,14 +62,16 @@ def test_model_files_alone_suffice(name: str, tmp_path: Path) -> None:
 
 def test_normal_and_deduplicated_saves_agree() -> None:
     """The same run saved both ways describes and holds the same tensors (optimizer states too)."""
-    a = reassemble(select_iteration(DATA / "tiny_fp32_dp2tp2pp2_opt" / "checkpoint"), "all")
-    b = reassemble(select_iteration(DATA / "tiny_fp32_dp2tp2pp2_opt_dedup" / "checkpoint"), "all")
+    a = reassemble(select_iteration(DATA_CKPT2 / "tiny_fp32_dp2tp2pp2_opt" / "checkpoint"), "all")
+    b = reassemble(
+        select_iteration(DATA_CKPT2 / "tiny_fp32_dp2tp2pp2_opt_dedup" / "checkpoint"), "all"
+    )
     assert sorted(a) == sorted(b) and len(a) == 105
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
 
 
 def test_moe_fi_accu_is_described_and_stored() -> None:
-    folder = select_iteration(DATA / "moe_fp32_dp2tp2pp2_ep2_dedup" / "checkpoint")
+    folder = select_iteration(DATA_CKPT2 / "moe_fp32_dp2tp2pp2_ep2_dedup" / "checkpoint")
     mc = reassemble(folder)
     fi = [k for k in mc if k.endswith("router.fi_accu")]
     assert len(fi) == 4 and all(mc[k].shape == (8,) and mc[k].dtype == np.float32 for k in fi)
@@ -148,7 +82,7 @@ def test_moe_fi_accu_is_described_and_stored() -> None:
 
 
 def test_tied_fixture_has_no_head_and_one_embedding() -> None:
-    folder = select_iteration(DATA / "tiny_tied_fp32_tp2pp2_dedup" / "checkpoint")
+    folder = select_iteration(DATA_CKPT2 / "tiny_tied_fp32_tp2pp2_dedup" / "checkpoint")
     meta = json.loads((folder / "metadata.json").read_text())
     sdm = meta["state_dict_metadata"]
     assert "output_layer.weight" not in sdm
@@ -205,7 +139,7 @@ def test_iteration_choice(tmp_path: Path) -> None:
 
 
 def _tampered(tmp_path: Path, edit) -> Path:
-    src = select_iteration(DATA / "tiny_tied_fp32_tp2pp2_dedup" / "checkpoint")
+    src = select_iteration(DATA_CKPT2 / "tiny_tied_fp32_tp2pp2_dedup" / "checkpoint")
     dst = tmp_path / "iteration_00001000"
     shutil.copytree(src, dst)
     meta = json.loads((dst / "metadata.json").read_text())
@@ -325,7 +259,7 @@ def test_bad_metadata_is_refused(case: str, tmp_path: Path) -> None:
 def test_whole_tensor_files_are_read_as_their_slices(tmp_path: Path) -> None:
     """A normal save without pipeline parallelism gathers whole tensors into every file while
     metadata.json still describes slices; the slice's region of the whole tensor is taken."""
-    src = select_iteration(DATA / "tiny_tied_fp32_tp2pp2_dedup" / "checkpoint")
+    src = select_iteration(DATA_CKPT2 / "tiny_tied_fp32_tp2pp2_dedup" / "checkpoint")
     want = reassemble(src)
     dst = tmp_path / "iteration_00001000"
     shutil.copytree(src, dst)
@@ -353,6 +287,6 @@ def test_trailing_unit_fragmentation_is_accepted(tmp_path: Path) -> None:
         entry["axis_fragmentations"] = entry["axis_fragmentations"] + [1]
         entry["layout"]["tensor_map"] = entry["layout"]["tensor_map"] + [[]]
 
-    src = select_iteration(DATA / "tiny_tied_fp32_tp2pp2_dedup" / "checkpoint")
+    src = select_iteration(DATA_CKPT2 / "tiny_tied_fp32_tp2pp2_dedup" / "checkpoint")
     got = reassemble(_tampered(tmp_path, edit))
     assert got[norm].tobytes() == reassemble(src)[norm].tobytes()

@@ -13,11 +13,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tests.conftest import DATA_LORA, LORA_FIXTURES, assert_same_tensors
 from tests.oracle import lora
 from tests.oracle.files import read_dtypes, read_metadata, read_tensors
 
-DATA = Path(__file__).parent / "data-lora"
-FIXTURES = ["tiny_lora_fp32_tp2pp2", "moe_lora_fp32_dp2tp2pp2_ep2"]
 LORA_MODULE_KINDS = {
     "tiny_lora_fp32_tp2pp2": [
         "q_proj",
@@ -40,9 +39,9 @@ def tensors(path: Path) -> dict[str, np.ndarray]:
     return _cache[path]
 
 
-@pytest.fixture(params=FIXTURES)
+@pytest.fixture(params=LORA_FIXTURES)
 def fixture(request: pytest.FixtureRequest) -> Path:
-    return DATA / request.param
+    return DATA_LORA / request.param
 
 
 def mcore_of(fixture: Path) -> dict[str, np.ndarray]:
@@ -51,15 +50,6 @@ def mcore_of(fixture: Path) -> dict[str, np.ndarray]:
 
 def run_settings(fixture: Path) -> lora.RunLoraSettings:
     return lora.read_run_adapter_config(fixture / "adapter_config.json")
-
-
-def assert_same_tensors(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        g = got[name]
-        assert g.dtype == w.dtype, name
-        assert g.shape == w.shape, name
-        assert g.tobytes() == w.tobytes(), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +198,7 @@ def test_scale_is_plain_alpha_over_r() -> None:
 
 
 def tiny_mcore() -> dict[str, np.ndarray]:
-    return dict(mcore_of(DATA / "tiny_lora_fp32_tp2pp2"))
+    return dict(mcore_of(DATA_LORA / "tiny_lora_fp32_tp2pp2"))
 
 
 @pytest.mark.parametrize("alpha", [None, 0, -16, float("nan"), "16", True])
@@ -282,7 +272,7 @@ def test_no_lora_means_no_adapter_and_a_plain_model() -> None:
         lora.adapter(m, 16)
     assert_same_tensors(
         lora.merged_model(m, None),
-        tensors(DATA / "tiny_lora_fp32_tp2pp2" / "ground_truth" / "hf_base.safetensors"),
+        tensors(DATA_LORA / "tiny_lora_fp32_tp2pp2" / "ground_truth" / "hf_base.safetensors"),
     )
 
 
@@ -297,7 +287,7 @@ def test_no_lora_means_no_adapter_and_a_plain_model() -> None:
     ],
 )
 def test_run_adapter_config_refusals(tmp_path: Path, change: dict[str, object]) -> None:
-    doc = json.loads((DATA / "tiny_lora_fp32_tp2pp2" / "adapter_config.json").read_text())
+    doc = json.loads((DATA_LORA / "tiny_lora_fp32_tp2pp2" / "adapter_config.json").read_text())
     doc.update(change)
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps(doc))

@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
@@ -28,7 +27,7 @@ from tests.conftest import (
     load_tensors,
 )
 from tests.conftest import run_cli as run
-from tests.edit_checkpoint import copy_fixture, edit_tensors, rank_file
+from tests.edit_checkpoint import nan_copy
 
 TINY = DATA / "tiny_fp32"
 INDEX = "model.safetensors.index.json"
@@ -60,17 +59,6 @@ def uploaded(folder: Path) -> set[str]:
     return set(filter_repo_objects(files, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
 
 
-def poisoned(tmp_path: Path) -> Path:
-    """tiny_fp32 with one NaN: ``--strict`` fails the run after it has claimed its folder."""
-    root = copy_fixture("tiny_fp32", tmp_path / "train")
-
-    def poison(tensors: dict[str, np.ndarray]) -> None:
-        tensors["decoder.layers.2.mlp.linear_fc2.weight"][5, 7] = np.nan
-
-    edit_tensors(rank_file(root, 2), poison)
-    return root
-
-
 # --- 1. no lost files ------------------------------------------------------------------------
 
 
@@ -99,7 +87,8 @@ def test_a_failed_run_loses_no_file_it_reads_or_copies(
     stays until a new one is written."""
     out = tmp_path / "mymodel"
     files = model_folder_copy(out)
-    argv = ["convert", poisoned(tmp_path), out, "--tokenizer-dir", out, "--overwrite", "--strict"]
+    source = nan_copy(tmp_path / "train")  # one NaN: --strict fails after claiming the folder
+    argv = ["convert", source, out, "--tokenizer-dir", out, "--overwrite", "--strict"]
     if reference:
         argv += ["--reference-config", out / "config.json"]
     code, err = run(capsys, *argv)
@@ -146,7 +135,7 @@ def test_another_weight_set_is_refused_and_nothing_is_touched(
 def test_after_a_failed_run_and_its_retry_upload_takes_only_the_model_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    source = poisoned(tmp_path)
+    source = nan_copy(tmp_path / "train")
     out = tmp_path / "hf"
     tokenizer = tmp_path / "original"
     tokenizer.mkdir()
@@ -213,7 +202,7 @@ def test_notes_name_what_the_folder_lacks_and_the_summary_lists_the_copies(
 def test_a_retry_after_a_failed_run_is_not_another_runs_output(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    source, out = poisoned(tmp_path), tmp_path / "hf"
+    source, out = nan_copy(tmp_path / "train"), tmp_path / "hf"
     code, err = run(capsys, "convert", source, out, "--dtype", "fp16", "--strict")
     assert code == 2 and "--strict" in err
     code, err = run(capsys, "convert", source, out, "--dtype", "bf16")  # options changed

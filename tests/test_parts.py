@@ -19,16 +19,11 @@ from ms2hf.commands.merge import MergeOptions, merge
 from ms2hf.io.hf_output import HF_INDEX
 from ms2hf.pipeline.parts import split
 from ms2hf.pipeline.plan import PlannedFile
-from tests.conftest import DATA, examples
+from tests.conftest import DATA, every_file, examples
 
 SOURCE = DATA / "moe_fp32_dp2tp2pp2_ep2"
 SHARDS = ["--max-shard-size", "60KB"]
 """About a dozen shards of a few dozen tensors each."""
-
-
-def every_file(folder: Path) -> dict[str, bytes]:
-    """Hidden files too: none may be left once the run is finished."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def identities(folder: Path) -> dict[str, tuple[int, int]]:

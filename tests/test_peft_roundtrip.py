@@ -43,20 +43,13 @@ else:
     peft = pytest.importorskip("peft")
 
 import ms2hf
-from ms2hf.generator import LoraConfig, MoeConfig, generate
+from ms2hf.generator import LoraConfig, generate
 from tests.conftest import load_tensors
-from tests.hf_clients import ATTENTION, SIZES, training_run
+from tests.hf_clients import ATTENTION, MOE, SIZES, moe_entries, training_run
 from tests.hf_clients import client_warnings as logged_warnings
 from tests.oracle import lora as oracle
 
 SETTINGS = {"rms_norm_eps": 1e-5, "max_position_embeddings": 128, "bos_token_id": 1}
-MOE = {
-    "num_experts": 8,
-    "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32,
-    "mlp_only_layers": [0],
-    "norm_topk_prob": True,
-}
 RANK, ALPHA = 8, 24
 DENSE = ".*linear_qkv|.*linear_proj|.*linear_fc1|.*linear_fc2"
 MOE_TARGETS = ".*linear_qkv|.*linear_proj"
@@ -69,7 +62,7 @@ SHARED_A = {"q_proj": "q_proj", "k_proj": "q_proj", "v_proj": "q_proj", "up_proj
 
 def hf_config(moe: bool) -> Any:
     if moe:
-        return transformers.Qwen3MoeConfig(**SIZES, **SETTINGS, **MOE)
+        return transformers.Qwen3MoeConfig(**SIZES, **SETTINGS, **moe_entries(MOE))
     return transformers.Qwen3Config(**SIZES, **SETTINGS)
 
 
@@ -115,7 +108,7 @@ def merged_by_the_rule(base: dict[str, np.ndarray], lora: dict[str, np.ndarray])
 
 def training_output(moe: bool, weights: dict[str, np.ndarray], out: Path) -> Path:
     config = training_run(
-        moe=MoeConfig(experts=8, moe_ffn=32, top_k=2, ep=2, mlp_only_layers=(0,)) if moe else None,
+        moe=MOE if moe else None,
         lora=LoraConfig(rank=RANK, alpha=ALPHA, target_modules=MOE_TARGETS if moe else DENSE),
     )
     return generate(config, out, weights).root

@@ -8,57 +8,28 @@ without them the test is skipped, except under CI, where that is a failure."""
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from benchmarks.ray_overhead import NAMESPACES, die_with_parent, unavailable
 from ms2hf.cli import main
-from tests.conftest import DATA
-from tests.edit_checkpoint import copy_fixture, edit_tensors, rank_file
+from tests.conftest import DATA, every_file
+from tests.edit_checkpoint import nan_copy
 
 HERE = Path(__file__).resolve().parent
 SOURCE = DATA / "tiny_fp32"
 OPTIONS = ["--max-shard-size", "100KB", "--workers", "1", "--memory-budget", "64MiB"]
 """Twelve shards; tasks of one thread and 64 MiB, which the test cluster's hosts can hold."""
-NAMESPACES = [
-    *("unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "--"),
-    *("sh", "-c", 'ip link set lo up && exec "$@"', "sh"),
-]
-"""Only ``lo``, up; the helper is pid 1 of its namespace, so when it ends, or ``unshare`` is
-killed (``--kill-child``), everything Ray started there ends too."""
-
-
-def _unavailable() -> str | None:
-    if importlib.util.find_spec("ray") is None:
-        return "Ray is not installed (pip install -e '.[ray]')"
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "unshare or ip is missing"
-    probe = subprocess.run([*NAMESPACES, "true"], capture_output=True, text=True, check=False)
-    if probe.returncode != 0:
-        return f"cannot make network namespaces here: {probe.stderr.strip()[:200]}"
-    return None
-
-
-def _die_with_pytest() -> None:
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def every_file(folder: Path) -> dict[str, bytes]:
-    """Hidden files too: a killed attempt's temporary file must be gone."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def test_a_killed_worker_host_and_a_killed_driver_give_the_local_bytes(tmp_path: Path) -> None:
-    reason = _unavailable()
+    reason = unavailable()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"the Ray test cannot run in CI: {reason}")
@@ -67,13 +38,7 @@ def test_a_killed_worker_host_and_a_killed_driver_give_the_local_bytes(tmp_path:
     assert main(["convert", str(SOURCE), str(local), "-q", *OPTIONS]) == 0
     work = tmp_path / "work"
     work.mkdir()
-    poisoned = copy_fixture(SOURCE.name, tmp_path / "poisoned")
-    name = "decoder.layers.2.mlp.linear_fc2.weight"
-
-    def poison(tensors: dict[str, np.ndarray]) -> None:
-        tensors[name][5, 7] = np.nan
-
-    edit_tensors(rank_file(poisoned, 2), poison)
+    poisoned = nan_copy(tmp_path / "poisoned")
     helper = [sys.executable, str(HERE / "ray_cluster.py"), str(SOURCE), str(poisoned)]
     helper += [str(work), *OPTIONS]
     done = subprocess.run(
@@ -81,7 +46,7 @@ def test_a_killed_worker_host_and_a_killed_driver_give_the_local_bytes(tmp_path:
         capture_output=True,
         text=True,
         timeout=300,
-        preexec_fn=_die_with_pytest,
+        preexec_fn=die_with_parent,
         check=False,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -20,7 +20,7 @@ import pytest
 
 from ms2hf.cli import main
 from ms2hf.pipeline.engine.output_dir import RUN_RECORD, read_finished
-from tests.conftest import DATA, DATA_CKPT2, folder_bytes
+from tests.conftest import DATA, DATA_CKPT2, every_file, folder_bytes
 
 SOURCE = DATA / "tiny_fp32"
 ONE_TENSOR_PER_FILE = ["--max-shard-size", "1", "--memory-budget", "2MiB"]
@@ -29,11 +29,6 @@ ONE_TENSOR_PER_FILE = ["--max-shard-size", "1", "--memory-budget", "2MiB"]
 
 def convert(out: Path, *extra: str) -> int:
     return main(["convert", str(SOURCE), str(out), "-q", *extra])
-
-
-def every_file(folder: Path) -> dict[str, bytes]:
-    """All files, the hidden run record included (it too must come out the same)."""
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def shards(folder: Path) -> list[Path]:

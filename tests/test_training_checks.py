@@ -23,7 +23,16 @@ from ms2hf.io.mapped import MappedFiles
 from ms2hf.io.sources.legacy import find_rank_dirs, plan_source, select_step
 from ms2hf.pipeline.engine.assemble import assembled_bands
 from ms2hf.transforms.registry import hf_model
-from tests.conftest import CONFIGS, DATA, MOE_FIXTURES, fitting_tokens, load_hf_dir, load_tensors
+from tests.conftest import (
+    CONFIGS,
+    DATA,
+    EXPECTED_DTYPE,
+    MOE_FIXTURES,
+    fails,
+    fitting_tokens,
+    load_hf_dir,
+    load_tensors,
+)
 from tests.conftest import run_cli as run
 from tests.edit_checkpoint import copy_fixture
 
@@ -31,15 +40,6 @@ TINY = DATA / "tiny_fp32"
 MOE = DATA / MOE_FIXTURES[0]
 DENSE_YAML = CONFIGS / "pretrain_qwen3_4k.yaml"
 MOE_YAML = CONFIGS / "pretrain_qwen3_moe_4k.yaml"
-
-
-def fails(capsys: pytest.CaptureFixture[str], *argv: object) -> str:
-    """A command that must stop with one error line (exit 2), writing nothing."""
-    code, err = run(capsys, *argv, "-q")
-    assert code == 2, err
-    (line,) = err.strip().splitlines()
-    assert "Traceback" not in line
-    return line
 
 
 def edited_yaml(source: Path, dest: Path, **changes: object) -> Path:
@@ -202,7 +202,7 @@ def test_fold_multiplies_every_expert_down_proj_in_fp32_before_the_cast(
     assert "down_proj is multiplied by 1.5" in err
     got = load_hf_dir(out)
     truth = load_tensors(MOE / "ground_truth" / "hf_model.safetensors")
-    wanted = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32, "fp16": np.float16}[dtype]
+    wanted = EXPECTED_DTYPE[dtype]
     scaled = 0
     for name, want in truth.items():
         if ".mlp.experts." in name and name.endswith("down_proj.weight"):

@@ -28,7 +28,7 @@ else:
 import ms2hf
 from ms2hf.generator import MoeConfig, generate
 from tests.conftest import DATA, DENSE_FIXTURES, MOE_FIXTURES, load_tensors
-from tests.hf_clients import ATTENTION, SIZES, client_warnings, training_run
+from tests.hf_clients import ATTENTION, MOE, SIZES, client_warnings, moe_entries, training_run
 
 SETTINGS = {
     "rms_norm_eps": 1e-5,
@@ -38,20 +38,13 @@ SETTINGS = {
     "rope_parameters": {"rope_type": "default", "rope_theta": 50000.0},
 }
 """What the weights cannot tell: this reaches config.json through ``reference_config`` only."""
-MOE = MoeConfig(experts=8, moe_ffn=32, top_k=2, ep=2, mlp_only_layers=(0,))
 
 
 def hf_entries(moe: MoeConfig | None, tied: bool) -> dict[str, Any]:
     """What the original model is made with: the converted model's config must say it too."""
     entries = {**SIZES, **SETTINGS, "tie_word_embeddings": tied}
     if moe is not None:
-        entries.update(
-            num_experts=moe.experts,
-            num_experts_per_tok=moe.top_k,
-            moe_intermediate_size=moe.moe_ffn,
-            mlp_only_layers=list(moe.mlp_only_layers),
-            norm_topk_prob=True,
-        )
+        entries.update(moe_entries(moe))
     return entries
 
 

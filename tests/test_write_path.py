@@ -20,7 +20,7 @@ from ms2hf.io.safetensors_writer import ShardWriter, TensorEntry, layout_shard
 from ms2hf.io.shard_digest import PAGE_BYTES, TensorChecksum, checksum, file_digest
 from ms2hf.pipeline.engine import execute
 from ms2hf.pipeline.engine.budget import MAX_BAND_BYTES, MAX_MERGE_BYTES, MemoryBudget
-from tests.conftest import examples
+from tests.conftest import DATA_LORA, examples
 
 
 def _checksum(*pieces: bytes) -> int:
@@ -137,7 +137,7 @@ def test_a_lora_merge_gets_a_larger_buffer_within_the_budget(
         return assembled_bands(tensor, dtype, buffer, *rest)
 
     monkeypatch.setattr(execute, "assembled_bands", recording)
-    fixture = Path(__file__).parent / "data-lora" / "tiny_lora_fp32_tp2pp2"
+    fixture = DATA_LORA / "tiny_lora_fp32_tp2pp2"
     ms2hf.convert(fixture, tmp_path / "out", workers=2, memory_budget=2**30, progress=False)
     assert sizes[True] == {MAX_MERGE_BYTES}  # the fine-tuned tensors
     assert sizes[False] <= {MAX_BAND_BYTES}  # the others (this model's are small: written in runs)
