@@ -273,6 +273,17 @@ def test_an_incomplete_newest_step_is_named_with_the_step_converted(
     assert select_step(find_rank_dirs(root / "checkpoint"))[0] == "1000_1"
 
 
+def test_the_newest_step_every_rank_has_is_the_default(tmp_path: Path) -> None:
+    root = copy_fixture("tiny_fp32", tmp_path / "train")
+    with_newer_step_in(root, (0, 1, 2, 3))  # 2000_1 complete, beside 1000_1
+    ranks = find_rank_dirs(root / "checkpoint")
+    assert select_step(ranks)[0] == "2000_1"
+    assert select_step(ranks, "1000")[0] == "1000_1"
+    plan = plan_source(root / "checkpoint", root / "strategy")
+    assert plan.step == "2000_1"
+    assert plan.choice is not None and plan.choice.present == ("1000_1", "2000_1")
+
+
 def test_inspect_lists_incomplete_steps(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = copy_fixture("tiny_fp32", tmp_path / "train")
     with_newer_step_in(root, (1,))
